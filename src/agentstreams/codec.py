@@ -1,0 +1,309 @@
+"""Mapping between events and stream entry fields (format version 1).
+
+An entry keeps the reference's flat field names so ``redis-cli XRANGE`` stays readable:
+
+    type           handoff_ready              (plain string)
+    session_id     123                        (plain string: the value was the string "123")
+    context        {"data":"value"}           (JSON: listed in _json)
+    timestamp      1764118559.12              (JSON number: listed in _json)
+    _v             1                          (format version)
+    _eid           9f0c...                    (unique event id, for deduplication)
+    _json          context,timestamp          (which fields hold JSON)
+
+String values are written as they are; every other value is JSON and its field is named in
+``_json``, so a string that looks like a number, ``"true"`` or ``"null"`` stays a string.
+Entries without ``_v`` were written by the reference implementation and are decoded the way it
+decodes them (every value that parses as JSON is JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from agentstreams.constants import (
+    B_FIELD_EVENT_ID,
+    B_FIELD_JSON,
+    B_FIELD_TRACEPARENT,
+    B_FIELD_TRACESTATE,
+    B_FIELD_TYPE,
+    B_FIELD_VERSION,
+    DEFAULT_MAX_EVENT_BYTES,
+    FIELD_EVENT_ID,
+    FIELD_JSON,
+    FIELD_TIMESTAMP,
+    FIELD_TRACEPARENT,
+    FIELD_TRACESTATE,
+    FIELD_TYPE,
+    FIELD_VERSION,
+    FORMAT_VERSION,
+    FORMAT_VERSION_BYTES,
+    MAX_NAME_LENGTH,
+)
+from agentstreams.errors import (
+    InvalidArgumentError,
+    MalformedEventError,
+    PayloadTooLargeError,
+    SerializationError,
+)
+from agentstreams.events import Event, EventType
+
+__all__ = [
+    "EncodedEntry",
+    "decode_entry",
+    "encode_event",
+    "new_event_id",
+    "validate_event_type",
+]
+
+#: Field/value pairs ready for XADD, in order.
+EncodedEntry = dict[bytes, bytes]
+
+_JSON_SEPARATOR = b","
+_METADATA_PREFIX = b"_"
+
+
+def new_event_id() -> str:
+    """A fresh, unique event id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def validate_event_type(event_type: object) -> str:
+    """Return the event type as a plain string, or raise InvalidArgumentError."""
+    if isinstance(event_type, EventType):
+        return event_type.value
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidArgumentError(
+            f"event type must be a non-empty string, got {event_type!r}"
+        )
+    if len(event_type) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(
+            f"event type is {len(event_type)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
+    return event_type
+
+
+def _check_field_name(name: object) -> bytes:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"field names must be non-empty strings, got {name!r}")
+    if name[0] == "_":
+        raise InvalidArgumentError(
+            f"field name {name!r} starts with '_', which is reserved for agentstreams metadata; "
+            "rename the field"
+        )
+    if "," in name:
+        raise InvalidArgumentError(f"field name {name!r} may not contain a comma")
+    try:
+        return name.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(f"field name {name!r} is not valid UTF-8") from exc
+
+
+def _dump_json(name: str, value: Any) -> bytes:
+    """Encode one non-string value as JSON, refusing anything that would not round-trip."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SerializationError(
+            f"field {name!r}: {value!r} has no JSON representation; send it as a string"
+        )
+    try:
+        out = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise SerializationError(
+            f"field {name!r} cannot be encoded as JSON ({exc}); pass str, int, float, bool, "
+            "None, or dicts with string keys and lists of those"
+        ) from exc
+    # orjson writes NaN/Infinity nested in containers as null: catch that (rare path).
+    if b"null" in out and isinstance(value, dict | list | tuple):
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError as exc:
+            raise SerializationError(
+                f"field {name!r} contains NaN or Infinity, which JSON cannot carry"
+            ) from exc
+    return out
+
+
+def encode_event(
+    event_type: str | EventType,
+    fields: Mapping[str, Any],
+    *,
+    event_id: str | None = None,
+    timestamp: float | None = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    stream: str | None = None,
+) -> EncodedEntry:
+    """Encode one event into stream entry fields.
+
+    ``fields`` must not contain ``type``; a ``timestamp`` field, when given, must be a number
+    and is the producer timestamp (otherwise the current time is written).
+    """
+    type_str = validate_event_type(event_type)
+    entry: EncodedEntry = {b"type": type_str.encode()}
+    json_names: list[bytes] = []
+    size = len(entry[b"type"]) + 4
+    has_timestamp = False
+    for name, value in fields.items():
+        key = _check_field_name(name)
+        if name == FIELD_TYPE:
+            raise InvalidArgumentError("pass the event type separately, not as a 'type' field")
+        if name == FIELD_TIMESTAMP:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidArgumentError(
+                    f"'timestamp' is the producer timestamp and must be a number, got {value!r}"
+                )
+            has_timestamp = True
+        if type(value) is str:
+            try:
+                encoded = value.encode()
+            except UnicodeEncodeError as exc:
+                raise SerializationError(
+                    f"field {name!r} holds a string that is not valid Unicode (lone surrogate)"
+                ) from exc
+        else:
+            encoded = _dump_json(name, value)
+            json_names.append(key)
+        entry[key] = encoded
+        size += len(key) + len(encoded)
+    if not has_timestamp:
+        entry[b"timestamp"] = repr(time.time() if timestamp is None else timestamp).encode()
+        json_names.append(b"timestamp")
+    entry[B_FIELD_VERSION] = FORMAT_VERSION_BYTES
+    entry[B_FIELD_EVENT_ID] = (event_id or new_event_id()).encode()
+    if json_names:
+        entry[B_FIELD_JSON] = _JSON_SEPARATOR.join(json_names)
+    if traceparent:
+        entry[B_FIELD_TRACEPARENT] = traceparent.encode()
+        if tracestate:
+            entry[B_FIELD_TRACESTATE] = tracestate.encode()
+    if size > max_event_bytes:
+        raise PayloadTooLargeError(
+            f"event of type {type_str!r} is {size} bytes, over the {max_event_bytes}-byte limit; "
+            "store large payloads elsewhere and publish a reference, or raise max_event_bytes",
+            size=size,
+            limit=max_event_bytes,
+            stream=stream,
+        )
+    return entry
+
+
+def _as_str(raw: bytes, what: str, fields: Mapping[bytes, bytes], stream: str,
+            msg_id: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedEventError(f"{what} is not valid UTF-8 ({exc.reason} at byte "
+                                  f"{exc.start})", fields=fields, stream=stream,
+                                  msg_id=msg_id) from exc
+
+
+def _decode_legacy(fields: Mapping[bytes, bytes], stream: str, msg_id: str) -> dict[str, Any]:
+    """Decode an entry the way the reference does: any value that parses as JSON is JSON."""
+    data: dict[str, Any] = {}
+    for raw_key, raw_value in fields.items():
+        key = _as_str(raw_key, "a field name", fields, stream, msg_id)
+        text = _as_str(raw_value, f"field {key!r}", fields, stream, msg_id)
+        try:
+            data[key] = json.loads(text)
+        except ValueError:
+            data[key] = text
+    return data
+
+
+def decode_entry(
+    msg_id: str,
+    fields: Mapping[bytes, bytes],
+    *,
+    stream: str,
+    delivery_count: int = 1,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> Event:
+    """Decode one stream entry; raise MalformedEventError (with the raw fields) when it cannot."""
+    if not fields:
+        raise MalformedEventError("entry has no fields", fields=fields, stream=stream,
+                                  msg_id=msg_id)
+    size = 0
+    for raw_key, raw_value in fields.items():
+        size += len(raw_key) + len(raw_value)
+    if size > max_event_bytes:
+        raise MalformedEventError(
+            f"entry is {size} bytes, over the {max_event_bytes}-byte limit",
+            fields=fields, stream=stream, msg_id=msg_id,
+        )
+    version_raw = fields.get(B_FIELD_VERSION)
+    if version_raw is None:
+        data = _decode_legacy(fields, stream, msg_id)
+        version = 0
+        event_id: str | None = None
+        traceparent: str | None = None
+        tracestate: str | None = None
+    else:
+        if version_raw != FORMAT_VERSION_BYTES:
+            raise MalformedEventError(
+                f"format version {version_raw!r} is not supported by this agentstreams "
+                f"(it reads version {FORMAT_VERSION}); upgrade, then replay it from the "
+                "dead-letter stream",
+                fields=fields, stream=stream, msg_id=msg_id,
+            )
+        version = FORMAT_VERSION
+        json_raw = fields.get(B_FIELD_JSON)
+        json_names = frozenset(json_raw.split(_JSON_SEPARATOR)) if json_raw else frozenset()
+        data = {}
+        for raw_key, raw_value in fields.items():
+            if raw_key[:1] == _METADATA_PREFIX:
+                continue
+            key = _as_str(raw_key, "a field name", fields, stream, msg_id)
+            if raw_key in json_names:
+                try:
+                    data[key] = orjson.loads(raw_value)
+                except orjson.JSONDecodeError as exc:
+                    raise MalformedEventError(
+                        f"field {key!r} is marked as JSON but does not parse ({exc})",
+                        fields=fields, stream=stream, msg_id=msg_id,
+                    ) from exc
+            else:
+                data[key] = _as_str(raw_value, f"field {key!r}", fields, stream, msg_id)
+        eid_raw = fields.get(B_FIELD_EVENT_ID)
+        event_id = eid_raw.decode(errors="replace") if eid_raw is not None else None
+        tp_raw = fields.get(B_FIELD_TRACEPARENT)
+        traceparent = tp_raw.decode(errors="replace") if tp_raw is not None else None
+        ts_raw = fields.get(B_FIELD_TRACESTATE)
+        tracestate = ts_raw.decode(errors="replace") if ts_raw is not None else None
+    event_type = data.get(FIELD_TYPE)
+    if not isinstance(event_type, str) or not event_type:
+        raise MalformedEventError(
+            "entry has no 'type' field" if event_type is None
+            else f"'type' must be a non-empty string, got {event_type!r}",
+            fields=fields, stream=stream, msg_id=msg_id,
+        )
+    return Event(
+        data=data,
+        msg_id=msg_id,
+        stream=stream,
+        event_id=event_id,
+        version=version,
+        delivery_count=delivery_count,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )
+
+
+def entry_to_pairs(entry: Mapping[bytes, bytes]) -> list[bytes]:
+    """Flatten entry fields into ``[k1, v1, k2, v2, ...]`` (for scripts and pipelines)."""
+    out: list[bytes] = []
+    for key, value in entry.items():
+        out.append(key)
+        out.append(value)
+    return out
+
+
+def metadata_field_names() -> Iterable[str]:
+    """Names of the metadata fields agentstreams writes (all start with an underscore)."""
+    return (FIELD_VERSION, FIELD_EVENT_ID, FIELD_JSON, FIELD_TRACEPARENT, FIELD_TRACESTATE)

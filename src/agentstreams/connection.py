@@ -1,0 +1,179 @@
+"""The one place that turns a URL (or an existing client) into a redis-py asyncio client.
+
+It also owns the error translation (redis-py exceptions -> agentstreams.errors) and the
+reconnect backoff policy, so every layer above handles faults the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_exc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from agentstreams.constants import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    RECONNECT_BACKOFF_BASE_S,
+    RECONNECT_BACKOFF_CAP_S,
+)
+from agentstreams.errors import (
+    AgentStreamsError,
+    BackpressureError,
+    ConnectionLostError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    WrongTypeError,
+)
+
+__all__ = [
+    "Backoff",
+    "ConnectionSettings",
+    "Redis",
+    "call",
+    "create_client",
+    "redact_url",
+    "translate_error",
+]
+
+Redis = aioredis.Redis
+T = TypeVar("T")
+
+SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (never log credentials)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """How to reach the server; rejects impossible values when built."""
+
+    url: str = "redis://localhost:6379"
+    #: Socket timeout for ordinary commands; blocking reads get their own, longer one.
+    socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    #: How often an idle pooled connection is PINGed before reuse (0 = never).
+    health_check_interval_s: float = 15.0
+    #: Retries redis-py makes on a connection error before we see it (a write may then land twice;
+    #: event ids and idempotency keys make that harmless).
+    command_retries: int = 2
+    max_connections: int | None = None
+    client_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url:
+            raise InvalidArgumentError("redis_url must be a non-empty string like "
+                                       "'redis://localhost:6379'")
+        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        if scheme not in SUPPORTED_SCHEMES:
+            raise InvalidArgumentError(
+                f"unsupported URL {redact_url(self.url)!r}: use redis://, rediss:// (TLS) or "
+                "unix:///path/to/socket"
+            )
+        for name in ("socket_timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise InvalidArgumentError(f"{name} must be a positive number, got {value!r}")
+        if self.health_check_interval_s < 0:
+            raise InvalidArgumentError("health_check_interval_s must be >= 0")
+        if self.command_retries < 0:
+            raise InvalidArgumentError("command_retries must be >= 0")
+
+
+def create_client(settings: ConnectionSettings, **overrides: Any) -> Redis:
+    """A new asyncio client that returns bytes (we decode per field, never per reply)."""
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": settings.health_check_interval_s,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5),
+                       settings.command_retries),
+        "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
+    }
+    if settings.max_connections is not None:
+        kwargs["max_connections"] = settings.max_connections
+    if settings.client_name:
+        kwargs["client_name"] = settings.client_name
+    kwargs.update(overrides)
+    try:
+        return aioredis.Redis.from_url(settings.url, **kwargs)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"invalid redis URL {redact_url(settings.url)!r}: {exc}") \
+            from exc
+
+
+def translate_error(exc: BaseException, *, stream: str | None = None,
+                    group: str | None = None) -> BaseException:
+    """Map a redis-py exception to our hierarchy; other exceptions pass through unchanged."""
+    if isinstance(exc, AgentStreamsError):
+        return exc
+    if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | OSError):
+        return ConnectionLostError(
+            f"lost the connection to the server ({type(exc).__name__}: {exc}); "
+            "the operation can be retried", stream=stream, group=group)
+    if isinstance(exc, redis_exc.ResponseError):
+        text = str(exc)
+        if text.startswith("NOGROUP"):
+            return GroupNotFoundError(
+                f"consumer group {group!r} does not exist on stream {stream!r}; call "
+                "initialize() (or create it with XGROUP CREATE ... MKSTREAM)",
+                stream=stream, group=group)
+        if text.startswith("WRONGTYPE"):
+            return WrongTypeError(f"key {stream!r} holds a value that is not a stream",
+                                  stream=stream, group=group)
+        if text.startswith(("OOM", "READONLY", "MASTERDOWN", "LOADING", "BUSY ")):
+            return BackpressureError(
+                f"the server refused the write ({text}); slow down or free memory",
+                stream=stream, group=group)
+    return exc
+
+
+async def call(coro_fn: Callable[[], Awaitable[T]], *, stream: str | None = None,
+               group: str | None = None) -> T:
+    """Await ``coro_fn()`` and translate redis-py errors into agentstreams errors."""
+    try:
+        return await coro_fn()
+    except (redis_exc.RedisError, OSError) as exc:
+        raise translate_error(exc, stream=stream, group=group) from exc
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for reconnect loops."""
+
+    def __init__(self, base_s: float = RECONNECT_BACKOFF_BASE_S,
+                 cap_s: float = RECONNECT_BACKOFF_CAP_S) -> None:
+        if base_s <= 0 or cap_s < base_s:
+            raise InvalidArgumentError("backoff needs 0 < base_s <= cap_s")
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        """Delay before the next attempt; grows until it reaches the cap."""
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """Call after a success."""
+        self.attempt = 0

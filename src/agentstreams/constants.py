@@ -1,0 +1,80 @@
+"""Every key suffix, field name, default and unit in one place."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- wire format ----------------------------------------------------------------------------
+#: Current entry format version, written in FIELD_VERSION. Entries without it are legacy
+#: (written by the reference implementation) and decoded the way it decodes them.
+FORMAT_VERSION: Final = 1
+FORMAT_VERSION_BYTES: Final = b"1"
+
+#: Metadata fields start with an underscore; user field names may not.
+FIELD_TYPE: Final = "type"
+FIELD_TIMESTAMP: Final = "timestamp"
+FIELD_SESSION_ID: Final = "session_id"
+FIELD_VERSION: Final = "_v"
+FIELD_EVENT_ID: Final = "_eid"
+#: Comma-separated names of the fields whose value is JSON; every other field is a plain string.
+FIELD_JSON: Final = "_json"
+#: W3C traceparent of the publisher, when tracing is enabled.
+FIELD_TRACEPARENT: Final = "_tp"
+FIELD_TRACESTATE: Final = "_tstate"
+
+# Byte forms used on the hot decode path.
+B_FIELD_TYPE: Final = FIELD_TYPE.encode()
+B_FIELD_TIMESTAMP: Final = FIELD_TIMESTAMP.encode()
+B_FIELD_VERSION: Final = FIELD_VERSION.encode()
+B_FIELD_EVENT_ID: Final = FIELD_EVENT_ID.encode()
+B_FIELD_JSON: Final = FIELD_JSON.encode()
+B_FIELD_TRACEPARENT: Final = FIELD_TRACEPARENT.encode()
+B_FIELD_TRACESTATE: Final = FIELD_TRACESTATE.encode()
+
+# Keys added to the dict a subscriber receives (reference-compatible `_msg_id`).
+KEY_MSG_ID: Final = "_msg_id"
+KEY_EVENT_ID: Final = "_event_id"
+KEY_DELIVERY_COUNT: Final = "_delivery_count"
+
+# --- dead letters ---------------------------------------------------------------------------
+DLQ_SUFFIX: Final = "dlq"
+IDEMPOTENCY_SUFFIX: Final = "idem"
+DLQ_FIELD_ORIGINAL_ID: Final = "original_id"
+DLQ_FIELD_ORIGINAL_STREAM: Final = "original_stream"
+DLQ_FIELD_GROUP: Final = "group"
+DLQ_FIELD_CONSUMER: Final = "consumer"
+DLQ_FIELD_REASON: Final = "reason"
+DLQ_FIELD_ERROR: Final = "error"
+DLQ_FIELD_DELIVERIES: Final = "deliveries"
+DLQ_FIELD_DEAD_AT_MS: Final = "dead_at_ms"
+#: Prefix for dead-letter metadata, so it never collides with the original fields.
+DLQ_META_PREFIX: Final = "dlq_"
+
+DLQ_REASON_MAX_DELIVERIES: Final = "max_deliveries"
+DLQ_REASON_MALFORMED: Final = "malformed"
+DLQ_REASON_REJECTED: Final = "rejected"
+
+# --- limits and defaults --------------------------------------------------------------------
+#: Largest encoded event we publish or accept (bytes). Bigger entries are dead-lettered.
+DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
+#: Longest stream, group or consumer name we accept.
+MAX_NAME_LENGTH: Final = 512
+DEFAULT_BLOCK_MS: Final = 5000
+#: Reference default: entries idle this long are considered abandoned by claim_abandoned_messages.
+DEFAULT_CLAIM_MIN_IDLE_MS: Final = 300_000
+DEFAULT_VISIBILITY_TIMEOUT_MS: Final = 30_000
+DEFAULT_MAX_DELIVERIES: Final = 5
+DEFAULT_CONCURRENCY: Final = 16
+DEFAULT_READ_COUNT: Final = 100
+#: XAUTOCLAIM COUNT per call; the cursor is followed until it wraps to 0-0.
+AUTOCLAIM_BATCH: Final = 100
+DEFAULT_IDEMPOTENCY_WINDOW_S: Final = 24 * 3600
+
+#: A blocking read must outlive its BLOCK time: the socket timeout is the block time plus this.
+SOCKET_TIMEOUT_MARGIN_S: Final = 5.0
+#: Default socket timeout for commands that do not block.
+DEFAULT_SOCKET_TIMEOUT_S: Final = 10.0
+DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
+#: Reconnect backoff: exponential from BASE, capped at CAP, full jitter.
+RECONNECT_BACKOFF_BASE_S: Final = 0.05
+RECONNECT_BACKOFF_CAP_S: Final = 5.0

@@ -1,0 +1,527 @@
+"""``AgentCoordinator``: the reference API, unchanged, on top of the reliable runtime.
+
+A program written against the reference runs after changing only its import. What changes
+underneath: values keep their types, a restarted consumer finishes its own pending entries,
+claimed events can be acknowledged, filtered subscriptions steal nothing, trimming is safe,
+and a lost connection is retried instead of ending the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from agentstreams.codec import decode_entry
+from agentstreams.connection import Backoff, ConnectionSettings, Redis, call, create_client
+from agentstreams.constants import (
+    DEFAULT_BLOCK_MS,
+    DEFAULT_CLAIM_MIN_IDLE_MS,
+    DEFAULT_IDEMPOTENCY_WINDOW_S,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    DLQ_REASON_MALFORMED,
+    DLQ_REASON_MAX_DELIVERIES,
+    SOCKET_TIMEOUT_MARGIN_S,
+)
+from agentstreams.errors import (
+    ConnectionLostError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    MalformedEventError,
+)
+from agentstreams.events import Event, EventType
+from agentstreams.runtime.dlq import DeadLetterQueue, dead_letter
+from agentstreams.runtime.publisher import Publisher, StreamCap
+from agentstreams.runtime.retention import trim
+from agentstreams.runtime.streams import (
+    RawEntry,
+    ack,
+    autoclaim_all,
+    delivery_counts,
+    ensure_group,
+    first_field,
+    read_group,
+    to_str,
+    validate_name,
+)
+
+__all__ = ["AgentCoordinator"]
+
+logger = logging.getLogger("agentstreams.coordinator")
+
+#: Entries fetched per XREADGROUP in subscribe (the reference used 10).
+SUBSCRIBE_READ_COUNT = 50
+
+
+def _check_int(name: str, value: object, *, minimum: int = 0, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _decode_reply(value: Any) -> Any:
+    """bytes -> str throughout a reply (what a decode_responses client would return)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, dict):
+        return {_decode_reply(k): _decode_reply(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_decode_reply(v) for v in value)
+    return value
+
+
+class AgentCoordinator:
+    """Streams-based coordination for distributed agents (reference-compatible API).
+
+    ``redis_url`` may also be an existing ``redis.asyncio.Redis`` client (it is not closed by
+    ``close()``). Use ``async with AgentCoordinator(...) as c:`` to initialize and close.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | Redis = "redis://localhost:6379",
+        stream_name: str = "agent_events",
+        consumer_group: str | None = None,
+        consumer_name: str | None = None,
+        *,
+        client: Redis | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        cap: StreamCap | None = None,
+        idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+    ) -> None:
+        self._stream_name = validate_name("stream_name", stream_name)
+        self._consumer_group = (validate_name("consumer_group", consumer_group)
+                                if consumer_group is not None else None)
+        if consumer_name is not None:
+            validate_name("consumer_name", consumer_name)
+        self._consumer_name = consumer_name or (
+            f"consumer_{uuid.uuid4().hex[:8]}" if consumer_group else None
+        )
+        _check_int("max_deliveries", max_deliveries, minimum=1)
+        _check_int("max_event_bytes", max_event_bytes, minimum=1)
+        if isinstance(redis_url, Redis):
+            client, redis_url = redis_url, ""
+        self._settings: ConnectionSettings | None = None
+        if client is None:
+            self._settings = ConnectionSettings(url=redis_url, socket_timeout_s=socket_timeout_s)
+        self._redis_url = redis_url
+        self._external_client = client
+        self._client: Redis | None = None
+        self._initialized = False
+        self._max_event_bytes = max_event_bytes
+        self._max_deliveries = max_deliveries
+        self._cap = cap
+        self._idempotency_window_s = idempotency_window_s
+        self._publisher: Publisher | None = None
+        self._derived_groups: set[str] = set()
+        # A blocking read must return before the socket times out.
+        self._max_block_ms = int(max(1.0, socket_timeout_s - SOCKET_TIMEOUT_MARGIN_S) * 1000) \
+            if socket_timeout_s > SOCKET_TIMEOUT_MARGIN_S + 1 else int(socket_timeout_s * 500)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def stream_name(self) -> str:
+        """The stream this coordinator publishes to and reads from."""
+        return self._stream_name
+
+    @property
+    def consumer_group(self) -> str | None:
+        """The consumer group (None for a publish-only coordinator)."""
+        return self._consumer_group
+
+    @property
+    def consumer_name(self) -> str | None:
+        """This consumer's name in the group."""
+        return self._consumer_name
+
+    async def initialize(self) -> None:
+        """Connect and create the consumer group (with its stream) if needed. Idempotent."""
+        if self._initialized:
+            return
+        if self._client is None:
+            if self._external_client is not None:
+                self._client = self._external_client
+            else:
+                assert self._settings is not None
+                self._client = create_client(self._settings)
+        client = self._client
+        if self._consumer_group:
+            group = self._consumer_group
+            await call(lambda: ensure_group(client, self._stream_name, group, "0"),
+                       stream=self._stream_name, group=group)
+        self._publisher = Publisher(client, self._stream_name,
+                                    max_event_bytes=self._max_event_bytes, cap=self._cap,
+                                    idempotency_window_s=self._idempotency_window_s)
+        self._initialized = True
+
+    async def _get_client(self) -> Redis:
+        if not self._initialized or self._client is None:
+            await self.initialize()
+        assert self._client is not None
+        return self._client
+
+    async def _get_publisher(self) -> Publisher:
+        if not self._initialized or self._publisher is None:
+            await self.initialize()
+        assert self._publisher is not None
+        return self._publisher
+
+    async def close(self) -> None:
+        """Close the connection (a client passed in by the caller is left open). Idempotent."""
+        if self._client is not None and self._client is not self._external_client:
+            await self._client.aclose()
+        self._client = None
+        self._publisher = None
+        self._initialized = False
+
+    async def __aenter__(self) -> AgentCoordinator:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, event_type: str | EventType, fields: Mapping[str, Any] | None = None,
+                      *, idempotency_key: str | None = None) -> str:
+        """Publish any event type with any JSON-representable fields; returns the stream id."""
+        publisher = await self._get_publisher()
+        return await publisher.publish(event_type, fields or {}, idempotency_key=idempotency_key)
+
+    async def publish_many(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Publish a list of ``{"type": ..., **fields}`` mappings in one round trip."""
+        publisher = await self._get_publisher()
+        return await publisher.publish_many(events)
+
+    async def publish_handoff_ready(self, from_agent: str, to_agent: str, session_id: str,
+                                    context: dict[str, Any], *,
+                                    idempotency_key: str | None = None) -> str:
+        """Notify the target agent that a handoff is ready."""
+        return await self.publish(EventType.HANDOFF_READY, {
+            "from_agent": from_agent, "to_agent": to_agent, "session_id": session_id,
+            "context": context, "timestamp": time.time(),
+        }, idempotency_key=idempotency_key)
+
+    async def publish_tool_result(self, tool_name: str, session_id: str, result: Any,
+                                  execution_time_ms: float, *,
+                                  idempotency_key: str | None = None) -> str:
+        """Broadcast a tool's result to every interested consumer."""
+        return await self.publish(EventType.TOOL_RESULT, {
+            "tool_name": tool_name, "session_id": session_id, "result": result,
+            "execution_time_ms": execution_time_ms, "timestamp": time.time(),
+        }, idempotency_key=idempotency_key)
+
+    async def publish_state_changed(self, session_id: str, changes: dict[str, Any], *,
+                                    idempotency_key: str | None = None) -> str:
+        """Announce changes to a session's state."""
+        return await self.publish(EventType.STATE_CHANGED, {
+            "session_id": session_id, "changes": changes, "timestamp": time.time(),
+        }, idempotency_key=idempotency_key)
+
+    async def publish_agent_started(self, agent_name: str, session_id: str, input_summary: str,
+                                    *, idempotency_key: str | None = None) -> str:
+        """Announce that an agent started working on a session."""
+        return await self.publish(EventType.AGENT_STARTED, {
+            "agent_name": agent_name, "session_id": session_id,
+            "input_summary": input_summary, "timestamp": time.time(),
+        }, idempotency_key=idempotency_key)
+
+    async def publish_agent_completed(self, agent_name: str, session_id: str,
+                                      output_summary: str, duration_ms: float, tokens_used: int,
+                                      *, idempotency_key: str | None = None) -> str:
+        """Announce that an agent finished, with its duration and token use."""
+        return await self.publish(EventType.AGENT_COMPLETED, {
+            "agent_name": agent_name, "session_id": session_id,
+            "output_summary": output_summary, "duration_ms": duration_ms,
+            "tokens_used": tokens_used, "timestamp": time.time(),
+        }, idempotency_key=idempotency_key)
+
+    async def publish_error(self, session_id: str, error_type: str, error_message: str,
+                            agent_name: str | None = None, *,
+                            idempotency_key: str | None = None) -> str:
+        """Publish an error event (``agent_name`` is omitted when None, as in the reference)."""
+        fields: dict[str, Any] = {
+            "session_id": session_id, "error_type": error_type, "error_message": error_message,
+        }
+        if agent_name is not None:
+            fields["agent_name"] = agent_name
+        fields["timestamp"] = time.time()
+        return await self.publish(EventType.ERROR, fields, idempotency_key=idempotency_key)
+
+    # ---------------------------------------------------------------- consuming
+
+    def _require_group(self, action: str) -> tuple[str, str]:
+        if not self._consumer_group:
+            raise InvalidArgumentError(f"Consumer group required for {action}: pass "
+                                       "consumer_group= to AgentCoordinator")
+        assert self._consumer_name is not None
+        return self._consumer_group, self._consumer_name
+
+    async def _filter_group(self, client: Redis, group: str, event_types: Sequence[str]) -> str:
+        """The derived group a filtered subscription reads through (created on first use).
+
+        A consumer group hands each entry to one consumer; a filter that acknowledged and
+        dropped the other types there would steal them from the consumers that want them. So
+        a filtered subscription reads through its own group, ``<group>:types:<t1,t2>``, which
+        starts where the parent group stands.
+        """
+        derived = f"{group}:types:{','.join(sorted(set(event_types)))}"
+        if derived in self._derived_groups:
+            return derived
+        start = "0"
+        groups = await call(lambda: client.xinfo_groups(self._stream_name),
+                            stream=self._stream_name)
+        for info in groups:
+            if to_str(first_field(info, "name")) == group:
+                start = to_str(first_field(info, "last-delivered-id")) or "0"
+        await call(lambda: ensure_group(client, self._stream_name, derived, start),
+                   stream=self._stream_name, group=derived)
+        self._derived_groups.add(derived)
+        return derived
+
+    async def _dead_letter(self, client: Redis, group: str, msg_id: str,
+                           fields: Mapping[bytes, bytes] | None, reason: str, error: str,
+                           deliveries: int) -> None:
+        assert self._consumer_name is not None
+        dlq_id = await dead_letter(client, stream=self._stream_name, group=group,
+                                   consumer=self._consumer_name, msg_id=msg_id, fields=fields,
+                                   reason=reason, error=error, deliveries=deliveries)
+        logger.warning("dead-lettered %s from %r (%s: %s)", msg_id, self._stream_name, reason,
+                       error, extra={"stream": self._stream_name, "group": group,
+                                     "msg_id": msg_id, "dlq_id": dlq_id})
+
+    async def _decode_or_dead_letter(self, client: Redis, group: str, entry: RawEntry,
+                                     deliveries: int) -> Event | None:
+        msg_id, fields = entry
+        if fields is None:
+            logger.warning("pending entry %s of %r was deleted or trimmed before it was "
+                           "acknowledged; it is lost", msg_id, self._stream_name,
+                           extra={"stream": self._stream_name, "group": group,
+                                  "msg_id": msg_id})
+            await ack(client, self._stream_name, group, [msg_id])
+            return None
+        try:
+            return decode_entry(msg_id, fields, stream=self._stream_name,
+                                delivery_count=deliveries, max_event_bytes=self._max_event_bytes)
+        except MalformedEventError as exc:
+            await self._dead_letter(client, group, msg_id, fields, DLQ_REASON_MALFORMED,
+                                    exc.reason, deliveries)
+            return None
+
+    async def subscribe(
+        self,
+        event_types: list[str] | None = None,
+        timeout_ms: int = DEFAULT_BLOCK_MS,
+        max_events: int | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield events as dicts carrying ``_msg_id``; each is acknowledged when you ask for
+        the next one (an event you never got past stays pending and comes back).
+
+        This consumer's own pending entries (from before a restart) come first. ``max_events``
+        of 0 yields nothing, None means no limit; with a limit, the loop also ends after
+        ``timeout_ms`` without events (0 = wait indefinitely). A lost connection is retried
+        with backoff. Unreadable entries go to the dead-letter stream.
+        """
+        group, consumer = self._require_group("subscription")
+        _check_int("timeout_ms", timeout_ms)
+        _check_int("max_events", max_events, allow_none=True)
+        if event_types is not None:
+            if isinstance(event_types, str) or not all(
+                    isinstance(t, str) and t for t in event_types):
+                raise InvalidArgumentError("event_types must be a list of event type strings")
+            event_types = [t.value if isinstance(t, EventType) else t for t in event_types]
+        if max_events == 0:
+            return
+        wanted = frozenset(event_types) if event_types else None
+        client = await self._get_client()
+        if wanted:
+            group = await self._filter_group(client, group, sorted(wanted))
+        yielded = 0
+        backoff = Backoff()
+        pending_cursor: str | None = "0"  # None once our own pending entries are drained
+        while True:
+            try:
+                if pending_cursor is not None:
+                    entries = await read_group(client, self._stream_name, group, consumer,
+                                               start_id=pending_cursor,
+                                               count=SUBSCRIBE_READ_COUNT)
+                    if not entries:
+                        pending_cursor = None
+                        continue
+                    pending_cursor = entries[-1][0]
+                    counts = await delivery_counts(client, self._stream_name, group,
+                                                   [e[0] for e in entries], consumer)
+                else:
+                    entries = await self._blocking_read(client, group, consumer, timeout_ms)
+                    if not entries:
+                        if max_events is not None:
+                            return
+                        continue
+                    counts = {}
+                backoff.reset()
+            except GroupNotFoundError:
+                logger.warning("group %r vanished from %r (stream deleted?); re-creating it",
+                               group, self._stream_name)
+                await self._recover_group(client, group)
+                pending_cursor = "0"
+                continue
+            except ConnectionLostError as exc:
+                delay = backoff.next_delay()
+                logger.warning("subscribe lost its connection (%s); retrying in %.2fs", exc,
+                               delay, extra={"stream": self._stream_name, "group": group})
+                await asyncio.sleep(delay)
+                pending_cursor = "0"  # a lost reply may have left entries pending for us
+                continue
+            for entry in entries:
+                deliveries = counts.get(entry[0], 1)
+                if deliveries > self._max_deliveries:
+                    await self._dead_letter(client, group, entry[0], entry[1],
+                                            DLQ_REASON_MAX_DELIVERIES,
+                                            f"delivered {deliveries} times without an ack",
+                                            deliveries)
+                    continue
+                event = await self._decode_or_dead_letter(client, group, entry, deliveries)
+                if event is None:
+                    continue
+                if wanted is not None and event.type not in wanted:
+                    await ack(client, self._stream_name, group, [event.msg_id])
+                    continue
+                yield event.to_dict()
+                await self._ack_with_retry(client, group, event.msg_id)
+                yielded += 1
+                if max_events is not None and yielded >= max_events:
+                    return
+
+    async def _blocking_read(self, client: Redis, group: str, consumer: str,
+                             timeout_ms: int) -> list[RawEntry]:
+        """XREADGROUP ``>``, blocking up to ``timeout_ms`` in slices shorter than the socket
+        timeout (0 = indefinitely), so a half-open connection is noticed."""
+        deadline = None if timeout_ms == 0 else time.monotonic() + timeout_ms / 1000
+        while True:
+            if deadline is None:
+                block = self._max_block_ms
+            else:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    return []
+                block = min(remaining_ms, self._max_block_ms)
+            entries = await read_group(client, self._stream_name, group, consumer,
+                                       start_id=">", count=SUBSCRIBE_READ_COUNT, block_ms=block)
+            if entries:
+                return entries
+
+    async def _ack_with_retry(self, client: Redis, group: str, msg_id: str) -> None:
+        backoff = Backoff()
+        for _attempt in range(5):
+            try:
+                await ack(client, self._stream_name, group, [msg_id])
+                return
+            except ConnectionLostError:
+                await asyncio.sleep(backoff.next_delay())
+        logger.warning("could not acknowledge %s; it stays pending and will be redelivered",
+                       msg_id, extra={"stream": self._stream_name, "group": group})
+
+    async def _recover_group(self, client: Redis, group: str) -> None:
+        try:
+            await call(lambda: ensure_group(client, self._stream_name, group, "0"),
+                       stream=self._stream_name, group=group)
+        except ConnectionLostError:
+            await asyncio.sleep(Backoff().next_delay())
+
+    async def ack(self, *msg_ids: str) -> int:
+        """Acknowledge events by ``_msg_id``; returns how many were still pending."""
+        group, _ = self._require_group("acknowledging")
+        for msg_id in msg_ids:
+            if not isinstance(msg_id, str) or not msg_id:
+                raise InvalidArgumentError(f"message ids must be non-empty strings, got "
+                                           f"{msg_id!r}")
+        client = await self._get_client()
+        return await ack(client, self._stream_name, group, list(msg_ids))
+
+    async def claim_abandoned_messages(
+        self, min_idle_ms: int = DEFAULT_CLAIM_MIN_IDLE_MS,
+    ) -> list[dict[str, Any]]:
+        """Claim every entry other consumers have held for ``min_idle_ms`` or more.
+
+        The returned events carry ``_msg_id`` and ``_delivery_count``; acknowledge them with
+        ``ack()`` once handled. Entries delivered more than ``max_deliveries`` times go to the
+        dead-letter stream instead; entries trimmed while pending are logged and skipped.
+        """
+        group, consumer = self._require_group("claiming")
+        _check_int("min_idle_ms", min_idle_ms)
+        client = await self._get_client()
+        claimed, _deleted = await autoclaim_all(client, self._stream_name, group, consumer,
+                                                min_idle_ms=min_idle_ms)
+        counts = await delivery_counts(client, self._stream_name, group,
+                                       [e[0] for e in claimed], consumer)
+        out: list[dict[str, Any]] = []
+        for entry in claimed:
+            deliveries = counts.get(entry[0], 1)
+            if deliveries > self._max_deliveries:
+                await self._dead_letter(client, group, entry[0], entry[1],
+                                        DLQ_REASON_MAX_DELIVERIES,
+                                        f"delivered {deliveries} times without an ack",
+                                        deliveries)
+                continue
+            event = await self._decode_or_dead_letter(client, group, entry, deliveries)
+            if event is not None:
+                out.append(event.to_dict(with_delivery_count=True))
+        return out
+
+    # ---------------------------------------------------------------- inspection and retention
+
+    @property
+    def dead_letters(self) -> DeadLetterQueue:
+        """The dead-letter stream of this coordinator's stream (call after initialize())."""
+        if self._client is None:
+            raise InvalidArgumentError("call initialize() first")
+        return DeadLetterQueue(self._client, self._stream_name)
+
+    async def get_stream_info(self) -> dict[str, Any]:
+        """Stream statistics: length, first and last entry, groups (and dead-letter count)."""
+        client = await self._get_client()
+        try:
+            info = await call(lambda: client.xinfo_stream(self._stream_name),
+                              stream=self._stream_name)
+            groups = await call(lambda: client.xinfo_groups(self._stream_name),
+                                stream=self._stream_name)
+            dead = await DeadLetterQueue(client, self._stream_name).length()
+        except ConnectionLostError:
+            raise
+        except Exception as exc:  # the stream does not exist (yet): the reference's answer
+            logger.debug("get_stream_info: %s", exc)
+            return {"length": 0, "groups": []}
+        return {
+            "length": int(info.get("length", 0)),
+            "first_entry": _decode_reply(info.get("first-entry")),
+            "last_entry": _decode_reply(info.get("last-entry")),
+            "groups": _decode_reply(groups),
+            "dead_letters": dead,
+        }
+
+    async def trim_stream(self, max_length: int, approximate: bool = True, *,
+                          force: bool = False) -> int:
+        """Trim towards ``max_length`` entries; returns how many were removed.
+
+        Entries some consumer group has not yet acknowledged are kept, so the stream may stay
+        longer than ``max_length``. ``force=True`` trims regardless (a hard cap).
+        """
+        client = await self._get_client()
+        result = await trim(client, self._stream_name, max_length, approximate=approximate,
+                            force=force)
+        if result.limited_by_groups:
+            logger.info("trim of %r stopped at %s to keep unacknowledged entries",
+                        self._stream_name, result.floor_id)
+        return result.removed

@@ -1,0 +1,1 @@
+"""Runtime layer: publisher, worker, dead letters, retention."""

@@ -1,0 +1,85 @@
+"""Server-side scripts: every multi-key change that must be atomic happens in one of these.
+
+All keys a script touches share the stream's hash tag, so they also work on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Move one pending entry to the dead-letter stream and acknowledge it, atomically.
+#: KEYS: stream, dlq. ARGV: group, consumer ('' = any owner), msg id, field/value pairs...
+#: Returns the dead-letter id, or nil when the entry is no longer pending (or is owned by
+#: another consumer): someone else already handled it.
+DEAD_LETTER: Final = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 then return false end
+if ARGV[2] ~= '' and p[1][2] ~= ARGV[2] then return false end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return id
+"""
+
+#: Move one dead letter back to its stream, atomically (the XDEL guard makes a replay race-free).
+#: KEYS: dlq, stream. ARGV: dead-letter id, field/value pairs...
+REPLAY: Final = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+return redis.call('XADD', KEYS[2], '*', unpack(fields))
+"""
+
+#: Publish at most once per idempotency key within a window.
+#: KEYS: stream, idempotency key. ARGV: window ms, n cap args, cap args..., field/value pairs...
+#: Returns {1, new id} or {0, id of the first publish}.
+IDEMPOTENT_XADD: Final = """
+local existing = redis.call('GET', KEYS[2])
+if existing then return {0, existing} end
+local ncap = tonumber(ARGV[2])
+local args = {KEYS[1]}
+for i = 3, 2 + ncap do args[#args + 1] = ARGV[i] end
+args[#args + 1] = '*'
+for i = 3 + ncap, #ARGV do args[#args + 1] = ARGV[i] end
+local id = redis.call('XADD', unpack(args))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return {1, id}
+"""
+
+#: Publish a batch in one call. KEYS: stream. ARGV: n cap args, cap args..., then for each entry
+#: its field count followed by its field/value pairs. Returns the ids in order.
+BATCH_XADD: Final = """
+local ncap = tonumber(ARGV[1])
+local head = {KEYS[1]}
+for i = 2, 1 + ncap do head[#head + 1] = ARGV[i] end
+head[#head + 1] = '*'
+local nhead = #head
+local ids = {}
+local i = 2 + ncap
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local args = {}
+  for j = 1, nhead do args[j] = head[j] end
+  for j = 1, n do args[nhead + j] = ARGV[i + j] end
+  ids[#ids + 1] = redis.call('XADD', unpack(args))
+  i = i + n + 1
+end
+return ids
+"""
+
+#: Id of the oldest entry that MAXLEN ``n`` keeps, or nil when nothing would be removed.
+#: KEYS: stream. ARGV: n. Returns '+' when n is 0 (remove everything).
+MAXLEN_CUT_ID: Final = """
+local n = tonumber(ARGV[1])
+local len = redis.call('XLEN', KEYS[1])
+if len <= n then return false end
+if n == 0 then return '+' end
+local drop = len - n
+if drop < n then
+  local r = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', drop + 1)
+  return r[drop + 1][1]
+end
+local r = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', n)
+return r[n][1]
+"""
