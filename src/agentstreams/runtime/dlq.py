@@ -9,6 +9,7 @@ kept as ``_orig_<name>`` and restored on replay.
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -124,9 +125,8 @@ class DeadLetter:
         for key, value in raw.items():
             if key in _META_BYTES:
                 continue
-            if key.startswith(_COLLISION_PREFIX):
-                key = key[len(_COLLISION_PREFIX):]
-            original[key] = value
+            name = key[len(_COLLISION_PREFIX):] if key.startswith(_COLLISION_PREFIX) else key
+            original[name] = value
         return cls(
             dlq_id=dlq_id,
             original_id=meta[DLQ_FIELD_ORIGINAL_ID],
@@ -170,11 +170,11 @@ class DeadLetterQueue:
         return int(await call(lambda: self.client.xlen(self.key), stream=self.key))
 
     async def list(self, count: int = 100, start: str = "-", end: str = "+",
-                   reason: str | None = None) -> list[DeadLetter]:
+                   reason: str | None = None) -> builtins.list[DeadLetter]:
         """Up to ``count`` dead letters, oldest first, optionally only one ``reason``."""
         if count <= 0:
             raise InvalidArgumentError("count must be positive")
-        out: list[DeadLetter] = []
+        out: builtins.list[DeadLetter] = []
         cursor = start
         while len(out) < count:
             raw = await call(lambda c=cursor: self.client.xrange(  # type: ignore[misc]
@@ -199,8 +199,8 @@ class DeadLetterQueue:
         entries = entries_from_read_reply([(self.key, raw)])
         return DeadLetter.from_entry(entries[0][0], entries[0][1] or {})
 
-    async def _all(self, where: Callable[[DeadLetter], bool] | None) -> list[DeadLetter]:
-        letters: list[DeadLetter] = []
+    async def _all(self, where: Callable[[DeadLetter], bool] | None) -> builtins.list[DeadLetter]:
+        letters: builtins.list[DeadLetter] = []
         cursor = "-"
         while True:
             batch = await self.list(count=500, start=cursor)
@@ -210,7 +210,7 @@ class DeadLetterQueue:
             cursor = "(" + batch[-1].dlq_id
 
     async def replay(self, ids: Iterable[str] | None = None, *,
-                     where: Callable[[DeadLetter], bool] | None = None) -> list[tuple[str, str]]:
+                     where: Callable[[DeadLetter], bool] | None = None) -> builtins.list[tuple[str, str]]:
         """Put dead letters back on their stream (new stream id, same event id).
 
         ``ids`` selects dead letters by id; ``None`` means all of them (filtered by ``where``).
@@ -222,7 +222,7 @@ class DeadLetterQueue:
                 letters = [x for x in letters if where(x)]
         else:
             letters = await self._all(where)
-        out: list[tuple[str, str]] = []
+        out: builtins.list[tuple[str, str]] = []
         for letter in letters:
             target = letter.original_stream or self.stream
             args: list[Any] = [letter.dlq_id]

@@ -14,8 +14,10 @@ from agentstreams.connection import Redis, translate_error
 from agentstreams.constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
 from agentstreams.errors import InvalidArgumentError, PublishTimeoutError
 from agentstreams.events import EventType
+from agentstreams.observe import get_observer
 from agentstreams.runtime import scripts
 from agentstreams.runtime.streams import idempotency_key_name, to_str
+from agentstreams.tracing import current_trace_headers
 
 __all__ = ["Publisher", "StreamCap"]
 
@@ -109,15 +111,18 @@ class Publisher:
         With ``idempotency_key``, a second publish with the same key within the window returns
         the first id and writes nothing.
         """
+        if traceparent is None:
+            traceparent, tracestate = current_trace_headers()
         entry = self.encode(event_type, fields, event_id=event_id, traceparent=traceparent,
                             tracestate=tracestate)
         if idempotency_key is not None:
             return await self._publish_idempotent(entry, idempotency_key)
         try:
-            msg_id = await self.client.execute_command(
+            msg_id = await self.client.execute_command(  # type: ignore[no-untyped-call]
                 "XADD", self.stream, *self._current_cap_args(), "*", *entry_to_pairs(entry))
         except (redis_exc.RedisError, OSError) as exc:
             raise self._fail(exc) from exc
+        get_observer().on_published(self.stream, 1)
         return to_str(msg_id)
 
     async def _publish_idempotent(self, entry: dict[bytes, bytes], key: str) -> str:
@@ -132,6 +137,8 @@ class Publisher:
                 keys=[self.stream, idempotency_key_name(self.stream, key)], args=args)
         except (redis_exc.RedisError, OSError) as exc:
             raise self._fail(exc) from exc
+        if reply[0] == 1:
+            get_observer().on_published(self.stream, 1)
         return to_str(reply[1])
 
     async def publish_many(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -143,6 +150,7 @@ class Publisher:
         if isinstance(events, Mapping | str | bytes):
             raise InvalidArgumentError("publish_many takes a list of event mappings")
         encoded: list[dict[bytes, bytes]] = []
+        traceparent, tracestate = current_trace_headers()
         for index, event in enumerate(events):
             if not isinstance(event, Mapping):
                 raise InvalidArgumentError(f"event #{index} is a {type(event).__name__}, "
@@ -150,7 +158,8 @@ class Publisher:
             if "type" not in event:
                 raise InvalidArgumentError(f"event #{index} has no 'type'")
             fields = {k: v for k, v in event.items() if k != "type"}
-            encoded.append(self.encode(event["type"], fields))
+            encoded.append(self.encode(event["type"], fields, traceparent=traceparent,
+                                       tracestate=tracestate))
         return await self.publish_encoded(encoded)
 
     async def publish_encoded(self, entries: Sequence[Mapping[bytes, bytes]]) -> list[str]:
@@ -167,4 +176,5 @@ class Publisher:
             except (redis_exc.RedisError, OSError) as exc:
                 raise self._fail(exc) from exc
             ids.extend(to_str(x) for x in reply)
+        get_observer().on_published(self.stream, len(entries))
         return ids

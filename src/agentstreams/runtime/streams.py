@@ -74,7 +74,7 @@ def idempotency_key_name(stream: str, key: str) -> str:
 
 
 async def ensure_group(client: Redis, stream: str, group: str, start_id: str = "0") -> bool:
-    """Create ``group`` on ``stream`` (creating the stream); True if created, False if it existed."""
+    """Create ``group`` on ``stream`` (and the stream); True if created, False if it existed."""
     try:
         await client.xgroup_create(stream, group, id=start_id, mkstream=True)
     except redis_exc.ResponseError as exc:
@@ -155,7 +155,7 @@ async def autoclaim_all(client: Redis, stream: str, group: str, consumer: str, *
     deleted: list[str] = []
     while True:
         reply = await call(
-            lambda c=cursor: client.execute_command(  # type: ignore[misc]
+            lambda c=cursor: client.execute_command(  # type: ignore[misc,no-untyped-call]
                 "XAUTOCLAIM", stream, group, consumer, min_idle_ms, c, "COUNT", count),
             stream=stream, group=group,
         )

@@ -1,0 +1,1 @@
+"""The ``agentstreams`` command line (extra ``cli``)."""

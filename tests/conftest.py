@@ -1,0 +1,96 @@
+"""Real servers for the test suite: an embedded Valkey 9 and the machine's Redis 7.
+
+Every test that takes ``redis_url`` runs against each server (and Valkey over RESP3). Redis 7
+is found at ``$REDIS_URL`` or 127.0.0.1:6379; when neither answers, those tests are skipped
+with the reason shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from agentstreams.server import LocalServer
+
+REDIS7_DEFAULT = "redis://127.0.0.1:6379"
+
+
+def _reachable(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379),
+                                      timeout=0.5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def valkey_server() -> Iterator[LocalServer]:
+    """One embedded Valkey for the whole session."""
+    server = LocalServer("valkey", unix_socket=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis7_url() -> str:
+    """URL of the Redis 7 server every run also covers (skips when none is reachable)."""
+    url = os.environ.get("REDIS_URL", REDIS7_DEFAULT)
+    if not _reachable(url):
+        pytest.skip(f"no Redis 7 reachable at {url} (set REDIS_URL to cover it)")
+    return url
+
+
+@pytest.fixture(params=["valkey", "redis7", "valkey-resp3"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The server under test: embedded Valkey 9, Redis 7, and Valkey over RESP3."""
+    if request.param == "redis7":
+        return str(request.getfixturevalue("redis7_url"))
+    server: LocalServer = request.getfixturevalue("valkey_server")
+    return server.url + ("?protocol=3" if request.param == "valkey-resp3" else "")
+
+
+@pytest.fixture
+def stream_name() -> str:
+    """A stream name no other test uses."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def raw(redis_url: str, stream_name: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client on the server under test, for checking what is really stored.
+
+    Deletes the test's stream and its side keys afterwards.
+    """
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    keys = [stream_name]
+    async for key in client.scan_iter(match=f"{{{stream_name}}}*"):
+        keys.append(key)
+    async for key in client.scan_iter(match=f"{stream_name}*"):
+        keys.append(key)
+    await client.delete(*keys)
+    await client.aclose()
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0,
+                   interval_s: float = 0.02, message: str = "condition") -> None:
+    """Poll an async condition until it holds or the deadline passes (then fail)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {message}")
