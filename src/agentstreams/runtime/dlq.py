@@ -209,8 +209,10 @@ class DeadLetterQueue:
             letters.extend(x for x in batch if where is None or where(x))
             cursor = "(" + batch[-1].dlq_id
 
-    async def replay(self, ids: Iterable[str] | None = None, *,
-                     where: Callable[[DeadLetter], bool] | None = None) -> builtins.list[tuple[str, str]]:
+    async def replay(
+        self, ids: Iterable[str] | None = None, *,
+        where: Callable[[DeadLetter], bool] | None = None,
+    ) -> builtins.list[tuple[str, str]]:
         """Put dead letters back on their stream (new stream id, same event id).
 
         ``ids`` selects dead letters by id; ``None`` means all of them (filtered by ``where``).
