@@ -8,15 +8,18 @@ with the reason shown.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from agentstreams.coordinator import AgentCoordinator
 from agentstreams.server import LocalServer
 
 REDIS7_DEFAULT = "redis://127.0.0.1:6379"
@@ -94,3 +97,63 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], *, timeout_s: float
             return
         await asyncio.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s}s waiting for {message}")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def with_query(url: str, query: str) -> str:
+    """``url`` with one more query parameter (``client_name=x``)."""
+    return url + ("&" if "?" in url else "?") + query
+
+
+def reference_fields(data: dict[str, Any]) -> dict[bytes, bytes]:
+    """Fields exactly as the reference implementation writes them: dicts and lists as JSON,
+    ints and floats with ``str()`` (so a bool becomes ``"True"``), None values dropped."""
+    out: dict[bytes, bytes] = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            text = json.dumps(value)
+        elif isinstance(value, int | float):
+            text = str(value)
+        else:
+            text = value
+        out[key.encode()] = text.encode()
+    return out
+
+
+def assert_same(received: Any, sent: Any, path: str = "$") -> None:
+    """Equality that also checks types all the way down (``1 == 1.0 == True`` is not enough)."""
+    assert type(received) is type(sent), f"{path}: {type(received)} != {type(sent)}"
+    if isinstance(sent, dict):
+        assert set(received) == set(sent), path
+        for key in sent:
+            assert_same(received[key], sent[key], f"{path}.{key}")
+    elif isinstance(sent, list):
+        assert len(received) == len(sent), path
+        for index, (a, b) in enumerate(zip(received, sent, strict=True)):
+            assert_same(a, b, f"{path}[{index}]")
+    else:
+        assert received == sent, path
+
+
+@pytest.fixture
+async def make_coordinator(
+    redis_url: str, stream_name: str, raw: aioredis.Redis,
+) -> AsyncIterator[Callable[..., AgentCoordinator]]:
+    """Build coordinators on the server under test (``stream_name`` unless told otherwise);
+    all are closed at the end, before ``raw`` deletes the test's keys."""
+    made: list[AgentCoordinator] = []
+
+    def make(**kwargs: Any) -> AgentCoordinator:
+        kwargs.setdefault("redis_url", redis_url)
+        kwargs.setdefault("stream_name", stream_name)
+        coordinator = AgentCoordinator(**kwargs)
+        made.append(coordinator)
+        return coordinator
+
+    yield make
+    for coordinator in made:
+        await coordinator.close()
