@@ -20,6 +20,7 @@ from agentstreams.events import Event, EventType
 from agentstreams.runtime.dlq import DeadLetter, DeadLetterQueue
 from agentstreams.runtime.publisher import Publisher, StreamCap
 from agentstreams.runtime.retention import TrimResult
+from agentstreams.runtime.worker import Worker, WorkerStats
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,8 @@ __all__ = [
     "SerializationError",
     "StreamCap",
     "TrimResult",
+    "Worker",
+    "WorkerStats",
     "WrongTypeError",
     "__version__",
 ]

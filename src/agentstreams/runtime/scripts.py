@@ -83,3 +83,41 @@ end
 local r = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', n)
 return r[n][1]
 """
+
+#: Lease renewal: reset the idle time of entries this consumer still owns, without counting a
+#: delivery (XCLAIM ... JUSTID). KEYS: stream. ARGV: group, consumer, ids...
+#: Returns the ids that are no longer ours (claimed by another consumer, or acknowledged).
+RENEW_LEASES: Final = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+#: Remove a consumer from its group only if it owns no pending entry (DELCONSUMER would
+#: silently drop them). KEYS: stream. ARGV: group, consumer, min idle ms.
+#: Returns 1 when removed.
+DELETE_IDLE_CONSUMER: Final = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return 0 end
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local name, idle
+  for j = 1, #c, 2 do
+    if c[j] == 'name' then name = c[j + 1] end
+    if c[j] == 'idle' then idle = c[j + 1] end
+  end
+  if name == ARGV[2] then
+    if idle < tonumber(ARGV[3]) then return 0 end
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
