@@ -1,0 +1,318 @@
+"""What every operator command shares: the connection options, output, errors and exit codes.
+
+Commands are synchronous Typer functions that run one coroutine with ``run()``; it connects,
+checks the server answers, and turns every failure into a one-line message and an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from enum import IntEnum
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import redis.exceptions as redis_exc
+import typer
+from rich.console import Console
+
+from agentstreams.connection import ConnectionSettings, Redis, call, create_client, redact_url
+from agentstreams.errors import (
+    AgentStreamsError,
+    ConnectionLostError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    WrongTypeError,
+)
+from agentstreams.runtime.streams import first_field, stream_id_key, to_str
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "CliError",
+    "ExitCode",
+    "JsonOption",
+    "RedisUrlOption",
+    "emit_json",
+    "entry_ms",
+    "err",
+    "fail",
+    "format_age",
+    "format_time",
+    "out",
+    "require_group",
+    "require_stream",
+    "run",
+]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("agentstreams.cli")
+
+#: Where the CLI looks when neither --redis-url nor REDIS_URL is given (never an embedded server).
+DEFAULT_REDIS_URL = "redis://localhost:6379"
+#: Operator commands should fail fast when the server is down, not wait out the library default.
+CLI_CONNECT_TIMEOUT_S = 3.0
+#: Rich wraps tables at 80 columns when output is not a terminal; logs and pipes want whole rows.
+NON_TERMINAL_WIDTH = 200
+
+
+class ExitCode(IntEnum):
+    """Exit statuses scripts can rely on."""
+
+    OK = 0
+    #: Anything else that went wrong (the server refused a command, an unexpected error).
+    FAILURE = 1
+    #: Bad usage: an invalid option value or a combination that makes no sense (as click does).
+    USAGE = 2
+    #: The server cannot be reached (or refused our credentials).
+    UNREACHABLE = 3
+    #: The stream, the consumer group or the dead letter named does not exist.
+    NOT_FOUND = 4
+    #: The key exists but holds something other than a stream.
+    WRONG_TYPE = 5
+
+
+class CliError(Exception):
+    """A failure the operator can act on: printed as one line, then exit with ``code``."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+RedisUrlOption = Annotated[
+    str,
+    typer.Option("--redis-url", envvar="REDIS_URL", show_envvar=True,
+                 help="Server to inspect: redis://, rediss:// or unix:// URL."),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print JSON for scripts instead of tables."),
+]
+
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else NON_TERMINAL_WIDTH
+    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+
+
+#: Human output (tables, lines) on stdout; notices and errors on stderr.
+out = _console(stderr=False)
+err = _console(stderr=True)
+
+
+def emit_json(data: Any, *, lines: bool = False) -> None:
+    """Write ``data`` as JSON to stdout: indented, or one compact line (``lines``, for tail)."""
+    text = json.dumps(data, ensure_ascii=False, default=str, indent=None if lines else 2)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    """Stop the command with a message and an exit code."""
+    raise CliError(message, code)
+
+
+# ------------------------------------------------------------------------- time and ids
+
+
+def now_ms() -> int:
+    """Wall-clock time in milliseconds (stream ids use the server's clock in the same unit)."""
+    return int(time.time() * 1000)
+
+
+def entry_ms(msg_id: str | bytes | None) -> int | None:
+    """The millisecond part of a stream id (when the entry was added), or None."""
+    if not msg_id:
+        return None
+    try:
+        return stream_id_key(to_str(msg_id))[0]
+    except ValueError:
+        return None
+
+
+def age_ms_of(msg_id: str | bytes | None) -> int | None:
+    """How long ago the entry with this id was added (never negative)."""
+    added = entry_ms(msg_id)
+    return None if added is None else max(0, now_ms() - added)
+
+
+def format_age(ms: int | float | None) -> str:
+    """A short human duration: ``850ms``, ``42s``, ``3m05s``, ``2h10m``, ``4d03h``."""
+    if ms is None:
+        return "-"
+    ms = max(0, int(ms))
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms // 1000
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def format_time(ms: int | float | None) -> str:
+    """A UTC timestamp with milliseconds, e.g. ``2025-11-26 01:02:03.123Z``."""
+    if ms is None:
+        return "-"
+    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{int(ms) % 1000:03d}Z"
+
+
+def is_stream_id(value: str) -> bool:
+    """True for ``ms`` or ``ms-seq`` (what XRANGE and XCLAIM accept as an id)."""
+    ms, sep, seq = value.partition("-")
+    return ms.isdigit() and (not sep or seq.isdigit())
+
+
+def usage_error(message: str, as_json: bool) -> NoReturn:
+    """Reject bad options before connecting (exit status 2, like click's own usage errors)."""
+    report_error(message, ExitCode.USAGE, as_json)
+
+
+# ------------------------------------------------------------------------- server checks
+
+
+async def key_type(client: Redis, key: str) -> str:
+    """The type of ``key`` (``none`` when it does not exist)."""
+    return to_str(await call(lambda: client.type(key), stream=key))
+
+
+async def require_stream(client: Redis, stream: str) -> None:
+    """Fail with NOT_FOUND or WRONG_TYPE unless ``stream`` is an existing stream."""
+    kind = await key_type(client, stream)
+    if kind == "none":
+        fail(f"stream {stream!r} does not exist (run `agentstreams info` to list streams)",
+             ExitCode.NOT_FOUND)
+    if kind != "stream":
+        fail(f"key {stream!r} holds a {kind}, not a stream", ExitCode.WRONG_TYPE)
+
+
+async def group_names(client: Redis, stream: str) -> list[str]:
+    """Names of the consumer groups of ``stream``."""
+    groups = await call(lambda: client.xinfo_groups(stream), stream=stream)
+    return [to_str(first_field(g, "name")) for g in groups]
+
+
+async def require_group(client: Redis, stream: str, group: str) -> None:
+    """Fail with NOT_FOUND unless ``stream`` exists and has ``group``."""
+    await require_stream(client, stream)
+    names = await group_names(client, stream)
+    if group not in names:
+        known = ", ".join(repr(n) for n in names) or "none"
+        fail(f"consumer group {group!r} does not exist on stream {stream!r} "
+             f"(its groups: {known})", ExitCode.NOT_FOUND)
+
+
+# ------------------------------------------------------------------------- running a command
+
+
+def _setup_logging() -> None:
+    """Library warnings (e.g. entries lost to a trim) go to stderr; nothing else is chatty."""
+    root = logging.getLogger("agentstreams")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+
+
+async def _connect(url: str) -> Redis:
+    """A bytes-mode client that has answered PING."""
+    settings = ConnectionSettings(url=url, connect_timeout_s=CLI_CONNECT_TIMEOUT_S,
+                                  client_name="agentstreams-cli", command_retries=1)
+    client = create_client(settings)
+    try:
+        await client.ping()
+    except redis_exc.AuthenticationError as exc:
+        await client.aclose()
+        fail(f"the server at {redact_url(url)} refused our credentials ({exc}); put the "
+             "user and password in the URL: redis://user:password@host:port",
+             ExitCode.UNREACHABLE)
+    except (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError) as exc:
+        await client.aclose()
+        fail(f"cannot reach the server at {redact_url(url)} ({exc}); check --redis-url or "
+             "REDIS_URL and that the server is running", ExitCode.UNREACHABLE)
+    except redis_exc.ResponseError as exc:
+        await client.aclose()
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            fail(f"the server at {redact_url(url)} needs a password ({exc}); use "
+                 "redis://user:password@host:port", ExitCode.UNREACHABLE)
+        raise
+    return client
+
+
+def _exit_code_for(exc: BaseException) -> tuple[str, ExitCode]:
+    if isinstance(exc, CliError):
+        return exc.message, exc.code
+    if isinstance(exc, InvalidArgumentError):
+        return str(exc), ExitCode.USAGE
+    if isinstance(exc, ConnectionLostError | redis_exc.ConnectionError | redis_exc.TimeoutError):
+        return f"lost the connection to the server: {exc}", ExitCode.UNREACHABLE
+    if isinstance(exc, GroupNotFoundError):
+        return str(exc), ExitCode.NOT_FOUND
+    if isinstance(exc, WrongTypeError):
+        return str(exc), ExitCode.WRONG_TYPE
+    if isinstance(exc, redis_exc.ResponseError) and str(exc).startswith("WRONGTYPE"):
+        return f"a key holds a value that is not a stream ({exc})", ExitCode.WRONG_TYPE
+    if isinstance(exc, AgentStreamsError | redis_exc.RedisError):
+        return str(exc), ExitCode.FAILURE
+    return f"unexpected error: {type(exc).__name__}: {exc}", ExitCode.FAILURE
+
+
+def report_error(message: str, code: ExitCode, as_json: bool) -> NoReturn:
+    """Print the error (a JSON object on stderr with ``--json``) and exit with ``code``."""
+    if as_json:
+        sys.stderr.write(json.dumps({"error": message, "exit_code": int(code)}) + "\n")
+    else:
+        err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(int(code))
+
+
+def run(url: str, as_json: bool, command: Callable[[Redis], Awaitable[T]]) -> T:
+    """Connect to ``url``, await ``command(client)``, close; map failures to exit codes.
+
+    Ctrl-C ends the command quietly with status 0 (it is how ``tail`` is stopped).
+    """
+    _setup_logging()
+
+    async def main() -> T:
+        client = await _connect(url)
+        try:
+            return await command(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        raise typer.Exit(int(ExitCode.OK)) from None
+    except BrokenPipeError:
+        # The reader went away (`agentstreams tail s | head`): stop quietly, like coreutils.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(int(ExitCode.OK)) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        message, code = _exit_code_for(exc)
+        if code == ExitCode.FAILURE and not isinstance(exc, CliError | AgentStreamsError):
+            logger.debug("command failed", exc_info=exc)
+        report_error(message, code, as_json)
+
+
+def join(values: Sequence[str]) -> str:
+    """Comma-separated, or ``-`` for none."""
+    return ", ".join(values) if values else "-"

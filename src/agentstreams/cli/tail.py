@@ -1,0 +1,203 @@
+"""``agentstreams tail``: follow a stream live with plain XREAD (no group, so it steals nothing).
+
+Each entry is decoded and shown as one line (or one JSON line); an entry that cannot be decoded
+is shown as malformed, never ends the command. A lost connection is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from agentstreams.cli._common import (
+    DEFAULT_REDIS_URL,
+    JsonOption,
+    RedisUrlOption,
+    emit_json,
+    entry_ms,
+    err,
+    format_time,
+    is_stream_id,
+    out,
+    require_stream,
+    run,
+    usage_error,
+)
+from agentstreams.cli.app import app
+from agentstreams.codec import decode_entry
+from agentstreams.connection import Backoff, Redis, call
+from agentstreams.constants import DEFAULT_BLOCK_MS, FIELD_SESSION_ID, FIELD_TIMESTAMP, FIELD_TYPE
+from agentstreams.errors import ConnectionLostError, MalformedEventError
+from agentstreams.runtime.streams import (
+    entries_from_read_reply,
+    first_field,
+    stream_id_key,
+    to_str,
+)
+
+#: Entries fetched per XREAD.
+READ_BATCH = 200
+#: Values longer than this are cut in the one-line view (--json always prints them whole).
+MAX_VALUE_CHARS = 200
+#: Largest sequence number of a stream id: the predecessor of ``ms-0`` is ``(ms-1)-MAX_SEQ``.
+MAX_SEQ = 2**64 - 1
+_SHOWN_APART = (FIELD_TYPE, FIELD_SESSION_ID, FIELD_TIMESTAMP)
+
+
+def id_before(msg_id: str) -> str:
+    """The largest stream id below ``msg_id`` (XREAD is exclusive; ``--from ID`` is not)."""
+    ms, seq = stream_id_key(msg_id)
+    if seq > 0:
+        return f"{ms}-{seq - 1}"
+    if ms > 0:
+        return f"{ms - 1}-{MAX_SEQ}"
+    return "0-0"
+
+
+def _value_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                           separators=(",", ":"))
+    return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "..."
+
+
+class _Printer:
+    """Decodes, filters and prints entries; counts what it printed."""
+
+    def __init__(self, stream: str, types: set[str], session: str | None, as_json: bool) -> None:
+        self.stream = stream
+        self.types = types
+        self.session = session
+        self.as_json = as_json
+        self.printed = 0
+
+    def show(self, msg_id: str, fields: Mapping[bytes, bytes] | None) -> None:
+        """Print one entry when it passes the filters."""
+        added_ms = entry_ms(msg_id)
+        try:
+            event = decode_entry(msg_id, fields or {}, stream=self.stream,
+                                 max_event_bytes=1 << 62)
+        except MalformedEventError as exc:
+            if self.types or self.session is not None:
+                return  # a filter asks for a type or session; a malformed entry has neither
+            self._malformed(msg_id, added_ms, exc)
+            return
+        if self.types and event.type not in self.types:
+            return
+        if self.session is not None and (event.session_id is None
+                                         or str(event.session_id) != self.session):
+            return
+        self.printed += 1
+        if self.as_json:
+            emit_json({
+                "id": msg_id, "stream": self.stream, "time_ms": added_ms, "malformed": False,
+                "type": event.type, "session_id": event.session_id,
+                "timestamp": event.timestamp, "event_id": event.event_id,
+                "version": event.version, "fields": event.data,
+            }, lines=True)
+            return
+        line = Text()
+        line.append(format_time(added_ms), style="dim")
+        line.append(f"  {msg_id}  ")
+        line.append(event.type, style="bold cyan")
+        if event.session_id is not None:
+            line.append(f"  session={_value_text(event.session_id)}", style="magenta")
+        for name, value in event.data.items():
+            if name not in _SHOWN_APART:
+                line.append(f"  {name}={_value_text(value)}")
+        out.print(line, soft_wrap=True)
+
+    def _malformed(self, msg_id: str, added_ms: int | None, exc: MalformedEventError) -> None:
+        self.printed += 1
+        raw = {to_str(k): to_str(v) for k, v in exc.fields.items()}
+        if self.as_json:
+            emit_json({"id": msg_id, "stream": self.stream, "time_ms": added_ms,
+                       "malformed": True, "reason": exc.reason, "raw": raw}, lines=True)
+            return
+        line = Text()
+        line.append(format_time(added_ms), style="dim")
+        line.append(f"  {msg_id}  ")
+        line.append("MALFORMED", style="bold red")
+        line.append(f"  ({exc.reason})")
+        for name, value in raw.items():
+            line.append(f"  {name}={_value_text(value)}")
+        out.print(line, soft_wrap=True)
+
+
+async def _start_cursor(client: Redis, stream: str, start: str | None,
+                        printer: _Printer) -> str:
+    """Where following begins; ``-N`` prints the last N entries first."""
+    if start is not None and start.startswith("-") and start[1:].isdigit():
+        newest = await call(lambda: client.xrevrange(stream, count=int(start[1:])),
+                            stream=stream)
+        for msg_id, fields in reversed(entries_from_read_reply([(stream, newest)])):
+            printer.show(msg_id, fields)
+        # Follow from the newest entry shown, so nothing added meanwhile is missed or doubled.
+        return to_str(newest[0][0]) if newest else "0-0"
+    if start is not None and start != "$":
+        return id_before(start)
+    info = await call(lambda: client.xinfo_stream(stream), stream=stream)
+    return to_str(first_field(info, "last-generated-id")) or "0-0"
+
+
+@app.command("tail")
+def tail_command(
+    stream: Annotated[str, typer.Argument(help="The stream to follow.")],
+    types: Annotated[list[str] | None, typer.Option(
+        "--type", help="Only events of this type (repeat for several).")] = None,
+    session: Annotated[str | None, typer.Option(
+        "--session", help="Only events of this session id.")] = None,
+    start: Annotated[str | None, typer.Option(
+        "--from", help="ID: start at this entry id; -N: the last N entries, then follow. "
+                       "Default: only new entries.")] = None,
+    count: Annotated[int | None, typer.Option(
+        "--count", min=1, help="Stop after printing this many events.")] = None,
+    timeout_s: Annotated[float | None, typer.Option(
+        "--timeout-s", min=0.0, help="Stop after this many seconds.")] = None,
+    redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
+    as_json: JsonOption = False,
+) -> None:
+    """Follow events live, one readable line each (JSON lines with --json); Ctrl-C stops."""
+    if start is not None and start != "$" and not (
+            (start.startswith("-") and start[1:].isdigit()) or is_stream_id(start)):
+        usage_error(f"--from {start!r} is neither a stream id (MS-SEQ) nor -N (last N entries)",
+                    as_json)
+    printer = _Printer(stream, set(types or []), session, as_json)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def done() -> bool:
+        return (count is not None and printer.printed >= count) or (
+            deadline is not None and time.monotonic() >= deadline)
+
+    async def command(client: Redis) -> None:
+        await require_stream(client, stream)
+        cursor = await _start_cursor(client, stream, start, printer)
+        if not done():
+            err.print(Text(f"following {stream!r} after {cursor} (Ctrl-C to stop)",
+                           style="dim"))
+        backoff = Backoff()
+        while not done():
+            block_ms = DEFAULT_BLOCK_MS
+            if deadline is not None:
+                block_ms = max(1, min(block_ms, int((deadline - time.monotonic()) * 1000)))
+            try:
+                reply = await call(lambda c=cursor, b=block_ms: client.xread(  # type: ignore[misc]
+                    {stream: c}, count=READ_BATCH, block=b), stream=stream)
+            except ConnectionLostError as exc:
+                delay = backoff.next_delay()
+                err.print(Text(f"{exc}; retrying in {delay:.1f}s", style="yellow"))
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            for msg_id, fields in entries_from_read_reply(reply):
+                cursor = msg_id
+                printer.show(msg_id, fields)
+                if count is not None and printer.printed >= count:
+                    break
+
+    run(redis_url, as_json, command)
