@@ -157,3 +157,26 @@ async def make_coordinator(
     yield make
     for coordinator in made:
         await coordinator.close()
+
+
+# Typed views of what is really stored (redis-py's own annotations are too loose for mypy).
+
+
+async def stream_entries(raw: aioredis.Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    """Every entry of ``stream`` as (id, raw fields)."""
+    reply: Any = await raw.xrange(stream)
+    return [(msg_id.decode(), dict(fields)) for msg_id, fields in reply or []]
+
+
+async def stream_ids(raw: aioredis.Redis, stream: str) -> list[str]:
+    """Every id of ``stream``, oldest first."""
+    return [msg_id for msg_id, _ in await stream_entries(raw, stream)]
+
+
+async def pending_rows(raw: aioredis.Redis, stream: str, group: str) -> list[dict[str, Any]]:
+    """The group's pending entries: ``message_id``, ``consumer`` (str), ``time_since_delivered``,
+    ``times_delivered`` (int)."""
+    rows: Any = await raw.xpending_range(stream, group, min="-", max="+", count=100_000)
+    return [{"message_id": r["message_id"].decode(), "consumer": r["consumer"].decode(),
+             "time_since_delivered": int(r["time_since_delivered"]),
+             "times_delivered": int(r["times_delivered"])} for r in rows]

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -325,7 +325,7 @@ class AgentCoordinator:
         event_types: list[str] | None = None,
         timeout_ms: int = DEFAULT_BLOCK_MS,
         max_events: int | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield events as dicts carrying ``_msg_id``; each is acknowledged when you ask for
         the next one (an event you never got past stays pending and comes back).
 
@@ -352,11 +352,14 @@ class AgentCoordinator:
         backoff = Backoff()
         pending_cursor: str | None = "0"  # None once our own pending entries are drained
         while True:
+            # Never read more than the caller will take: read-ahead beyond max_events would be
+            # left pending for this consumer when the loop ends.
+            read_count = SUBSCRIBE_READ_COUNT if max_events is None \
+                else min(SUBSCRIBE_READ_COUNT, max_events - yielded)
             try:
                 if pending_cursor is not None:
                     entries = await read_group(client, self._stream_name, group, consumer,
-                                               start_id=pending_cursor,
-                                               count=SUBSCRIBE_READ_COUNT)
+                                               start_id=pending_cursor, count=read_count)
                     if not entries:
                         pending_cursor = None
                         continue
@@ -364,7 +367,8 @@ class AgentCoordinator:
                     counts = await delivery_counts(client, self._stream_name, group,
                                                    [e[0] for e in entries], consumer)
                 else:
-                    entries = await self._blocking_read(client, group, consumer, timeout_ms)
+                    entries = await self._blocking_read(client, group, consumer, timeout_ms,
+                                                        read_count)
                     if not entries:
                         if max_events is not None:
                             return
@@ -405,7 +409,7 @@ class AgentCoordinator:
                     return
 
     async def _blocking_read(self, client: Redis, group: str, consumer: str,
-                             timeout_ms: int) -> list[RawEntry]:
+                             timeout_ms: int, count: int) -> list[RawEntry]:
         """XREADGROUP ``>``, blocking up to ``timeout_ms`` in slices shorter than the socket
         timeout (0 = indefinitely), so a half-open connection is noticed."""
         deadline = None if timeout_ms == 0 else time.monotonic() + timeout_ms / 1000
@@ -418,7 +422,7 @@ class AgentCoordinator:
                     return []
                 block = min(remaining_ms, self._max_block_ms)
             entries = await read_group(client, self._stream_name, group, consumer,
-                                       start_id=">", count=SUBSCRIBE_READ_COUNT, block_ms=block)
+                                       start_id=">", count=count, block_ms=block)
             if entries:
                 return entries
 
