@@ -180,3 +180,15 @@ async def pending_rows(raw: aioredis.Redis, stream: str, group: str) -> list[dic
     return [{"message_id": r["message_id"].decode(), "consumer": r["consumer"].decode(),
              "time_since_delivered": int(r["time_since_delivered"]),
              "times_delivered": int(r["times_delivered"])} for r in rows]
+
+
+async def xadd_raw(raw: aioredis.Redis, stream: str, fields: dict[bytes, bytes]) -> str:
+    """XADD ``fields`` exactly as given (another client's writes); returns the id."""
+    msg_id: Any = await raw.xadd(stream, fields)  # type: ignore[arg-type]
+    return str(msg_id.decode())
+
+
+async def clients_named(raw: aioredis.Redis, name: str) -> list[dict[str, str]]:
+    """CLIENT LIST entries of the connections that set this client name."""
+    clients: Any = await raw.client_list()
+    return [c for c in clients if c.get("name") == name]

@@ -104,12 +104,14 @@ def create_client(settings: ConnectionSettings, **overrides: Any) -> Redis:
         "decode_responses": False,
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.connect_timeout_s,
-        "socket_keepalive": True,
         "health_check_interval": settings.health_check_interval_s,
         "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5),
                        settings.command_retries),
         "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
     }
+    if not settings.url.lower().startswith("unix://"):
+        # TCP only: redis-py's unix-socket connections reject this argument.
+        kwargs["socket_keepalive"] = True
     if settings.max_connections is not None:
         kwargs["max_connections"] = settings.max_connections
     if settings.client_name:
