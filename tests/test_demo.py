@@ -12,11 +12,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from agentstreams.coordinator import AgentCoordinator
 from agentstreams.demo.agent import STOP_EVENT, handle_handoff, run_agent
-from agentstreams.demo.roles import CHAIN, FIRST_ROLE, role_named, task_context
+from agentstreams.demo.roles import (
+    CHAIN,
+    FIRST_ROLE,
+    Role,
+    RoleEnv,
+    RoleOutput,
+    role_named,
+    task_context,
+)
 from agentstreams.server import LocalServer
 
 #: A demo run in these tests must end well within this (it normally takes 1-3 s).
@@ -155,6 +164,27 @@ async def test_redelivered_handoff_publishes_nothing_twice(valkey_server: LocalS
         assert length == 5  # started, 2 tool results, completed, handoff to the writer
         await handle_handoff(coordinator, researcher, event, pace=0)
         assert (await coordinator.get_stream_info())["length"] == length
+        client = aioredis.Redis.from_url(url)
+        keys = [k async for k in client.scan_iter(match=f"{{{stream}}}*")]
+        await client.delete(stream, *keys)
+        await client.aclose()
+
+
+async def test_failing_role_publishes_an_error_and_raises(valkey_server: LocalServer) -> None:
+    async def broken(context: dict[str, Any], env: RoleEnv) -> RoleOutput:
+        raise RuntimeError("model unavailable")
+
+    url, stream = valkey_server.url, f"test-demo-{uuid.uuid4().hex[:12]}"
+    async with AgentCoordinator(url, stream, consumer_group="observer") as coordinator:
+        event = {"type": "handoff_ready", "from_agent": "user", "to_agent": "planner",
+                 "session_id": "s1", "context": task_context(1)}
+        with pytest.raises(RuntimeError, match="model unavailable"):
+            await handle_handoff(coordinator, Role("planner", broken, "researcher"), event)
+        seen = [e async for e in coordinator.subscribe(timeout_ms=200, max_events=2)]
+        assert [e["type"] for e in seen] == ["agent_started", "error"]
+        assert seen[1]["agent_name"] == "planner"
+        assert seen[1]["error_type"] == "RuntimeError"
+        assert seen[1]["error_message"] == "model unavailable"
         client = aioredis.Redis.from_url(url)
         keys = [k async for k in client.scan_iter(match=f"{{{stream}}}*")]
         await client.delete(stream, *keys)

@@ -44,8 +44,10 @@ def demo(
         "--timeout", min=1.0, help="Seconds the whole run may take before it counts as failed.")
     ] = 60.0,
 ) -> None:
-    """Three agent roles in separate processes hand tasks along a chain (planner → researcher
-    → writer) through the coordinator, shown as a live timeline and a closing summary."""
+    """Three agents in separate processes hand tasks along a chain, shown live.
+
+    planner → researcher → writer: one OS process and one consumer group each.
+    """
     if json_output and plain:
         raise typer.BadParameter("choose one of --json and --plain")
     try:
@@ -57,7 +59,8 @@ def demo(
         summary = run(config, display, url=redis_url)
     except AgentStreamsError as exc:
         display.close()
-        Console(stderr=True, highlight=False).print(f"demo could not run: {exc}", markup=False)
+        Console(stderr=True, highlight=False).print(f"demo could not run: {exc}", markup=False,
+                                                  soft_wrap=True)
         raise typer.Exit(EXIT_ERROR) from exc
     finally:
         display.close()

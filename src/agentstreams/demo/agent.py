@@ -74,7 +74,13 @@ async def handle_handoff(coordinator: AgentCoordinator, role: Role, event: dict[
                                             str(context.get("task", ""))[:200],
                                             idempotency_key=f"{key}:started")
     started = time.perf_counter()
-    output = await role.run(context, _CoordinatorEnv(coordinator, session_id, key, pace))
+    try:
+        output = await role.run(context, _CoordinatorEnv(coordinator, session_id, key, pace))
+    except Exception as exc:
+        # Tell everyone, then fail: the hand-off stays pending (unacknowledged) for a retry.
+        await coordinator.publish_error(session_id, type(exc).__name__, str(exc), role.name,
+                                        idempotency_key=f"{key}:error")
+        raise
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
     await coordinator.publish_agent_completed(role.name, session_id, output.summary,
                                               duration_ms, output.tokens_used,

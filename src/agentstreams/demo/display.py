@@ -134,11 +134,11 @@ class RichDisplay:
         self.console.print(table)
         for name, log in agent_logs.items():
             self.console.print(Text(f"stderr of agent {name}:", style="bold red"))
-            self.console.print(log or "(empty)", markup=False, highlight=False)
+            self.console.print(log, markup=False, highlight=False)
         if summary.ok:
             self.console.print(Text("OK: every task completed, nothing lost", style="bold green"))
         else:
-            reason = summary.failure or f"{summary.lost} tasks lost"
+            reason = summary.problem
             self.console.print(Text(f"FAILED: {reason}", style="bold red"))
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from agentstreams.connection import ConnectionSettings, create_client
+from agentstreams.connection import ConnectionSettings, call, create_client
 from agentstreams.coordinator import AgentCoordinator
 from agentstreams.demo.agent import IDEMPOTENCY_WINDOW_S, STOP_EVENT, URL_ENV
 from agentstreams.demo.roles import CHAIN, FIRST_ROLE, task_context
 from agentstreams.demo.timeline import DemoSummary, RunTracker, TimelineEntry, session_id_for
-from agentstreams.errors import InvalidArgumentError
+from agentstreams.errors import AgentStreamsError, InvalidArgumentError
 from agentstreams.runtime.streams import side_key
 from agentstreams.server import LocalServer
 
@@ -192,7 +192,7 @@ async def _stop_agents(agents: list[_Agent], grace_s: float) -> dict[str, int | 
 async def _server_label(url: str, embedded: bool) -> str:
     client = create_client(ConnectionSettings(url=url))
     try:
-        info = await client.info("server")
+        info = await call(lambda: client.info("server"))
     finally:
         await client.aclose()
     if "valkey_version" in info:
@@ -206,10 +206,13 @@ async def _delete_stream(url: str, stream: str) -> None:
     """Remove the stream and its side keys (dead letters, idempotency keys)."""
     client = create_client(ConnectionSettings(url=url))
     try:
-        keys: list[Any] = [stream]
-        async for key in client.scan_iter(match=side_key(stream, "*"), count=1000):
-            keys.append(key)
-        await client.delete(*keys)
+        async def delete() -> None:
+            keys: list[Any] = [stream]
+            async for key in client.scan_iter(match=side_key(stream, "*"), count=1000):
+                keys.append(key)
+            await client.delete(*keys)
+
+        await call(delete, stream=stream)
     finally:
         await client.aclose()
 
@@ -247,11 +250,17 @@ async def run_demo(url: str, config: DemoConfig, display: DemoDisplay, *,
                 agents = await _start_agents(url, stream, run_id, config.pace, Path(log_dir))
                 summary.failure = await _supervise(observer, tracker, agents, config, display)
                 display.progress("stopping the agents")
-                await observer.publish(STOP_EVENT, {"run_id": run_id, "timestamp": time.time()})
-                summary.agent_exit_codes = await _stop_agents(
-                    agents, AGENT_STOP_TIMEOUT_S if summary.failure is None
-                    else AGENT_STOP_AFTER_FAILURE_S)
-                summary.dead_letters = await observer.dead_letters.length()
+                grace_s = AGENT_STOP_TIMEOUT_S if summary.failure is None \
+                    else AGENT_STOP_AFTER_FAILURE_S
+                try:
+                    await observer.publish(STOP_EVENT, {"run_id": run_id,
+                                                        "timestamp": time.time()})
+                except AgentStreamsError as exc:  # the agents cannot hear it: do not wait long
+                    summary.failure = summary.failure or f"could not publish the stop: {exc}"
+                    grace_s = AGENT_STOP_AFTER_FAILURE_S
+                summary.agent_exit_codes = await _stop_agents(agents, grace_s)
+                with contextlib.suppress(AgentStreamsError):
+                    summary.dead_letters = await observer.dead_letters.length()
         finally:
             for agent in agents:  # only after an exception: _stop_agents already reaped them
                 if agent.process.returncode is None:
@@ -259,11 +268,12 @@ async def run_demo(url: str, config: DemoConfig, display: DemoDisplay, *,
                         agent.process.kill()
                     await agent.process.wait()
             if not embedded and config.stream is None and not config.keep:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(AgentStreamsError):
                     await _delete_stream(url, stream)
         for agent in agents:
-            if summary.agent_exit_codes.get(agent.role) != 0:
-                agent_logs[agent.role] = _log_tail(agent.log_path)
+            tail = _log_tail(agent.log_path)
+            if tail and summary.agent_exit_codes.get(agent.role) != 0:
+                agent_logs[agent.role] = tail
     display.summary(summary, agent_logs)
     return summary
 

@@ -87,11 +87,29 @@ class DemoSummary:
         return self.sessions_started - self.sessions_completed
 
     @property
+    def problem(self) -> str | None:
+        """Why the run failed, or None when every session completed, no error event was
+        published, nothing was dead-lettered and every agent exited cleanly."""
+        errors = self.events_by_type.get(EventType.ERROR.value, 0)
+        unclean = [name for name, code in self.agent_exit_codes.items() if code != 0]
+        if self.failure:
+            return self.failure
+        if self.sessions_started == 0:
+            return "no task was started"
+        if self.lost:
+            return f"{self.lost} of {self.sessions_started} tasks never completed"
+        if errors:
+            return f"{errors} error events"
+        if self.dead_letters:
+            return f"{self.dead_letters} events dead-lettered"
+        if unclean:
+            return f"agents did not exit cleanly: {', '.join(unclean)}"
+        return None
+
+    @property
     def ok(self) -> bool:
-        """Every session completed, nothing dead-lettered, every agent exited cleanly."""
-        return (self.failure is None and self.lost == 0 and self.sessions_started > 0
-                and not self.dead_letters
-                and all(code == 0 for code in self.agent_exit_codes.values()))
+        """True when there is no ``problem``."""
+        return self.problem is None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for ``--json``)."""
@@ -100,7 +118,7 @@ class DemoSummary:
             return None if value is None else round(value, 3)
 
         return {
-            "ok": self.ok, "failure": self.failure, "stream": self.stream,
+            "ok": self.ok, "failure": self.problem, "stream": self.stream,
             "server": self.server, "sessions_started": self.sessions_started,
             "sessions_completed": self.sessions_completed, "lost": self.lost,
             "events_by_type": dict(self.events_by_type), "events": sum(
