@@ -46,6 +46,8 @@ Redis = aioredis.Redis
 T = TypeVar("T")
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+_REFUSED_WRITE_ERRORS = (redis_exc.OutOfMemoryError, redis_exc.ReadOnlyError,
+                         redis_exc.MasterDownError)
 
 
 def redact_url(url: str) -> str:
@@ -143,7 +145,10 @@ def translate_error(exc: BaseException, *, stream: str | None = None,
         if text.startswith("WRONGTYPE"):
             return WrongTypeError(f"key {stream!r} holds a value that is not a stream",
                                   stream=stream, group=group)
-        if text.startswith(("OOM", "READONLY", "MASTERDOWN", "LOADING", "BUSY ")):
+        # redis-py turns OOM / READONLY / MASTERDOWN replies into subclasses and strips the code
+        # from the message, so check the class as well as the text.
+        if isinstance(exc, _REFUSED_WRITE_ERRORS) or text.startswith(
+                ("OOM", "READONLY", "MASTERDOWN", "LOADING", "BUSY ")):
             return BackpressureError(
                 f"the server refused the write ({text}); slow down or free memory",
                 stream=stream, group=group)

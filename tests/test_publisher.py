@@ -1,0 +1,249 @@
+"""Publisher: single events, batches, idempotency keys, caps, and typed errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from agentstreams import (
+    BackpressureError,
+    ConnectionLostError,
+    InvalidArgumentError,
+    Publisher,
+    PublishTimeoutError,
+    StreamCap,
+    WrongTypeError,
+)
+from agentstreams.codec import decode_entry
+from agentstreams.connection import ConnectionSettings, create_client
+from agentstreams.runtime.publisher import MAX_BATCH
+from agentstreams.server import LocalServer
+from conftest import stream_entries, stream_ids, wait_for, xadd_raw
+
+
+@pytest.fixture
+async def client(redis_url: str, raw: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    client = create_client(ConnectionSettings(url=redis_url))
+    yield client
+    await client.aclose()
+
+
+async def test_publish_writes_one_encoded_entry(client: aioredis.Redis, raw: aioredis.Redis,
+                                                stream_name: str) -> None:
+    publisher = Publisher(client, stream_name)
+    msg_id = await publisher.publish("handoff_ready", {"session_id": "7", "n": 7},
+                                     event_id="e-1")
+    [(read_id, fields)] = await stream_entries(raw, stream_name)
+    assert read_id == msg_id
+    event = decode_entry(read_id, fields, stream=stream_name)
+    assert event.event_id == "e-1"
+    assert event["session_id"] == "7"
+    assert event["n"] == 7
+
+
+async def test_idempotent_publish_writes_once(client: aioredis.Redis, raw: aioredis.Redis,
+                                              stream_name: str) -> None:
+    publisher = Publisher(client, stream_name)
+    first = await publisher.publish("t", {"n": 1}, idempotency_key="order-42")
+    second = await publisher.publish("t", {"n": 2}, idempotency_key="order-42")
+    assert first == second
+    assert await stream_ids(raw, stream_name) == [first]
+    # The key lives next to the stream (same hash tag) and expires with the window.
+    ttl_ms = await raw.pttl(f"{{{stream_name}}}:idem:order-42")
+    assert 0 < ttl_ms <= 24 * 3600 * 1000
+    third = await publisher.publish("t", {"n": 3}, idempotency_key="order-43")
+    assert await stream_ids(raw, stream_name) == [first, third]
+
+
+async def test_idempotency_window_expires(client: aioredis.Redis, raw: aioredis.Redis,
+                                          stream_name: str) -> None:
+    publisher = Publisher(client, stream_name, idempotency_window_s=0.05)
+    first = await publisher.publish("t", {}, idempotency_key="k")
+    key = f"{{{stream_name}}}:idem:k"
+
+    async def expired() -> bool:
+        return not await raw.exists(key)
+
+    await wait_for(expired, timeout_s=5, message="the idempotency key to expire")
+    assert await publisher.publish("t", {}, idempotency_key="k") != first
+    assert len(await stream_ids(raw, stream_name)) == 2
+
+
+@pytest.mark.parametrize("key", ["", "k" * 257])
+async def test_invalid_idempotency_keys(client: aioredis.Redis, key: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="idempotency_key must be a non-empty"):
+        await Publisher(client, "s").publish("t", {}, idempotency_key=key)
+
+
+async def test_publish_many_splits_big_batches_and_keeps_order(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    publisher = Publisher(client, stream_name)
+    n = MAX_BATCH * 2 + 7
+    ids = await publisher.publish_many([{"type": "t", "i": i} for i in range(n)])
+    assert len(ids) == n
+    assert ids == await stream_ids(raw, stream_name)
+    entries = await stream_entries(raw, stream_name)
+    assert [decode_entry(i, f, stream=stream_name)["i"] for i, f in entries] == list(range(n))
+
+
+@pytest.mark.parametrize(("events", "message"), [
+    ([{"type": "t"}, "not a mapping"], "#1 is a str, not a mapping"),
+    ([{"i": 1}], "#0 has no 'type'"),
+    ([{"type": ""}], "non-empty string"),
+    ("t", "list of event mappings"),
+])
+async def test_publish_many_rejects_bad_batches_before_sending(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str, events: Any,
+        message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        await Publisher(client, stream_name).publish_many(events)
+    assert await raw.xlen(stream_name) == 0
+
+
+# --------------------------------------------------------------------------- caps
+
+
+def test_stream_cap_arguments() -> None:
+    assert StreamCap().args() == ["MAXLEN", "~", 100_000]
+    assert StreamCap("maxlen", 10, approximate=False).args() == ["MAXLEN", "=", 10]
+    kind, op, min_id = StreamCap("minid", 60_000).args()
+    assert (kind, op) == ("MINID", "~")
+    ms = int(str(min_id).split("-")[0])
+    assert abs(ms - (time.time() * 1000 - 60_000)) < 5_000
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"kind": "count"}, "'maxlen' or 'minid'"),
+    ({"value": -1}, "integer >= 0"),
+    ({"value": 1.5}, "integer >= 0"),
+])
+def test_invalid_stream_caps(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        StreamCap(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["single", "many", "idempotent"])
+async def test_maxlen_cap_applies_to_every_publish_path(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str, mode: str) -> None:
+    publisher = Publisher(client, stream_name, cap=StreamCap("maxlen", 5, approximate=False))
+    for i in range(12):
+        if mode == "single":
+            await publisher.publish("t", {"i": i})
+        elif mode == "many":
+            await publisher.publish_many([{"type": "t", "i": i}])
+        else:
+            await publisher.publish("t", {"i": i}, idempotency_key=f"k{i}")
+    entries = await stream_entries(raw, stream_name)
+    assert [decode_entry(i, f, stream=stream_name)["i"] for i, f in entries] == list(range(7, 12))
+
+
+async def test_minid_cap_drops_entries_older_than_the_age(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    await raw.xadd(stream_name, {"type": "ancient"}, id="1-0")
+    publisher = Publisher(client, stream_name,
+                          cap=StreamCap("minid", 60_000, approximate=False))
+    fresh = await publisher.publish("t", {})
+    assert await stream_ids(raw, stream_name) == [fresh]
+
+
+def test_publisher_rejects_impossible_settings() -> None:
+    client = aioredis.Redis()
+    with pytest.raises(InvalidArgumentError, match="max_event_bytes"):
+        Publisher(client, "s", max_event_bytes=0)
+    with pytest.raises(InvalidArgumentError, match="idempotency_window_s"):
+        Publisher(client, "s", idempotency_window_s=0)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("mode", ["single", "many", "idempotent"])
+async def test_wrong_type_key_raises_wrong_type_error(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str, mode: str) -> None:
+    await raw.set(stream_name, "not a stream")
+    publisher = Publisher(client, stream_name)
+
+    async def publish() -> None:
+        if mode == "single":
+            await publisher.publish("t", {})
+        elif mode == "many":
+            await publisher.publish_many([{"type": "t"}])
+        else:
+            await publisher.publish("t", {}, idempotency_key="k")
+
+    with pytest.raises(WrongTypeError, match="not a stream") as info:
+        await publish()
+    assert info.value.stream == stream_name
+
+
+async def test_unreachable_server_raises_connection_lost() -> None:
+    server = LocalServer("valkey")
+    server.start()
+    client = create_client(ConnectionSettings(url=server.url, command_retries=1))
+    try:
+        publisher = Publisher(client, "s")
+        await publisher.publish("t", {})
+        server.stop()
+        with pytest.raises(ConnectionLostError, match="can be retried"):
+            await publisher.publish("t", {})
+        with pytest.raises(ConnectionLostError):
+            await publisher.publish_many([{"type": "t"}])
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_out_of_memory_raises_backpressure() -> None:
+    with LocalServer("valkey", extra_config={"maxmemory-policy": "noeviction"}) as server:
+        admin = aioredis.Redis.from_url(server.url)
+        client = create_client(ConnectionSettings(url=server.url))
+        try:
+            await admin.config_set("maxmemory", 1)
+            publisher = Publisher(client, "s")
+            with pytest.raises(BackpressureError, match="slow down"):
+                await publisher.publish("t", {})
+            with pytest.raises(BackpressureError, match="slow down"):
+                await publisher.publish_many([{"type": "t"}])
+            with pytest.raises(BackpressureError, match="slow down"):
+                await publisher.publish("t", {}, idempotency_key="k")
+            await admin.config_set("maxmemory", 0)
+            assert await publisher.publish("t", {})
+        finally:
+            await client.aclose()
+            await admin.aclose()
+
+
+async def test_publish_timeout_then_retry_with_the_same_key_writes_once() -> None:
+    """A server that stops answering: the publish times out (it may have landed); retrying
+    with the same idempotency key after the server recovers writes exactly one entry."""
+    with LocalServer("valkey") as server:
+        client = create_client(ConnectionSettings(url=server.url, socket_timeout_s=0.3,
+                                                  command_retries=1))
+        check = aioredis.Redis.from_url(server.url)
+        try:
+            publisher = Publisher(client, "s")
+            await publisher.publish("t", {"n": 0})  # connected, scripts loaded
+            server.pause()
+            try:
+                with pytest.raises(PublishTimeoutError, match="same idempotency_key"):
+                    await publisher.publish("t", {"n": 1}, idempotency_key="once")
+            finally:
+                server.resume()
+            msg_id = await publisher.publish("t", {"n": 1}, idempotency_key="once")
+            ids = [i for i, _ in await stream_entries(check, "s")]
+            assert ids[1:] == [msg_id]
+        finally:
+            await client.aclose()
+            await check.aclose()
+
+
+async def test_xadd_by_another_client_is_not_idempotent(
+        raw: aioredis.Redis, stream_name: str) -> None:
+    """Why idempotency keys exist: a plain retry writes a second entry (reliability fact 9)."""
+    await xadd_raw(raw, stream_name, {b"type": b"t"})
+    await xadd_raw(raw, stream_name, {b"type": b"t"})
+    assert await raw.xlen(stream_name) == 2
