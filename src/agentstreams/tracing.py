@@ -51,14 +51,17 @@ def handler_span(event: Event, *, group: str, consumer: str) -> Iterator[Any]:
     if not _AVAILABLE:
         yield None
         return
-    parent = None
+    # The parent is the event's context and nothing else: worker tasks inherit the context the
+    # worker was started in, and an untraced event must start its own trace, not become a child
+    # of whatever span happened to be current at start-up.
+    parent = _otel_context.Context()
     if event.traceparent:
         carrier = {"traceparent": event.traceparent}
         if event.tracestate:
             carrier["tracestate"] = event.tracestate
-        parent = _otel_propagate.extract(carrier)
+        parent = _otel_propagate.extract(carrier, context=parent)
     tracer = _otel_trace.get_tracer(_TRACER_NAME)
-    token = _otel_context.attach(parent) if parent is not None else None
+    token = _otel_context.attach(parent)
     try:
         with tracer.start_as_current_span(
             f"{event.type} process",
@@ -75,5 +78,4 @@ def handler_span(event: Event, *, group: str, consumer: str) -> Iterator[Any]:
         ) as span:
             yield span
     finally:
-        if token is not None:
-            _otel_context.detach(token)
+        _otel_context.detach(token)
