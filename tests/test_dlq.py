@@ -1,0 +1,204 @@
+"""Dead letters: atomic move, list, get, replay (same event id), purge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from agentstreams import AgentCoordinator, DeadLetter, DeadLetterQueue, MalformedEventError
+from agentstreams.codec import encode_event
+from agentstreams.connection import ConnectionSettings, create_client
+from agentstreams.runtime.dlq import dead_letter, format_error
+from agentstreams.runtime.streams import dlq_key
+from conftest import pending_rows, stream_entries, stream_ids, xadd_raw
+
+MakeCoordinator = Callable[..., AgentCoordinator]
+
+
+@pytest.fixture
+async def client(redis_url: str, raw: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    client = create_client(ConnectionSettings(url=redis_url))
+    yield client
+    await client.aclose()
+
+
+async def deliver(raw: aioredis.Redis, stream: str, entries: list[dict[bytes, bytes]],
+                  consumer: str = "w") -> list[str]:
+    """XADD the entries and deliver them to ``consumer`` of group ``g`` (pending, not acked)."""
+    await raw.xgroup_create(stream, "g", id="0", mkstream=True)
+    ids = [await xadd_raw(raw, stream, fields) for fields in entries]
+    await raw.xreadgroup("g", consumer, {stream: ">"}, count=len(entries))
+    return ids
+
+
+async def kill(client: aioredis.Redis, stream: str, msg_id: str, fields: dict[bytes, bytes],
+               reason: str = "max_deliveries", consumer: str = "w",
+               owner_only: bool = True) -> str | None:
+    return await dead_letter(client, stream=stream, group="g", consumer=consumer, msg_id=msg_id,
+                             fields=fields, reason=reason, error="ValueError: boom",
+                             deliveries=5, owner_only=owner_only)
+
+
+def test_dlq_key_shares_the_stream_slot() -> None:
+    assert dlq_key("agent_events") == "{agent_events}:dlq"
+    assert dlq_key("{tenant}:events") == "{tenant}:events:dlq"
+
+
+async def test_dead_letter_moves_a_pending_entry_atomically(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    fields = encode_event("tool_result", {"session_id": "1", "result": [1]})
+    [msg_id] = await deliver(raw, stream_name, [fields])
+    dlq_id = await kill(client, stream_name, msg_id, fields)
+    assert dlq_id is not None
+    assert await pending_rows(raw, stream_name, "g") == []
+    [(stored_id, stored)] = await stream_entries(raw, dlq_key(stream_name))
+    assert stored_id == dlq_id
+    assert stored[b"original_id"] == msg_id.encode()
+    assert stored[b"reason"] == b"max_deliveries"
+    assert stored[b"type"] == b"tool_result"  # the original fields, readable with XRANGE
+
+    letter = await DeadLetterQueue(client, stream_name).get(dlq_id)
+    assert letter is not None
+    assert (letter.original_id, letter.original_stream, letter.group, letter.consumer) == (
+        msg_id, stream_name, "g", "w")
+    assert (letter.reason, letter.error, letter.deliveries) == (
+        "max_deliveries", "ValueError: boom", 5)
+    assert letter.dead_at_ms > 0
+    assert letter.fields == fields
+    assert letter.event()["result"] == [1]
+    assert letter.to_dict()["fields"]["session_id"] == "1"
+
+
+async def test_dead_letter_is_a_no_op_when_someone_else_has_the_entry(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    fields = {b"type": b"t"}
+    [msg_id] = await deliver(raw, stream_name, [fields], consumer="owner")
+    assert await kill(client, stream_name, msg_id, fields, consumer="other") is None
+    assert await raw.xlen(dlq_key(stream_name)) == 0
+    assert len(await pending_rows(raw, stream_name, "g")) == 1
+    assert await kill(client, stream_name, msg_id, fields, consumer="other",
+                      owner_only=False) is not None
+    # Already acknowledged now: a second move does nothing (never in both places).
+    assert await kill(client, stream_name, msg_id, fields, owner_only=False) is None
+    assert await raw.xlen(dlq_key(stream_name)) == 1
+
+
+async def test_original_fields_named_like_metadata_survive(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    fields = {b"type": b"t", b"reason": b"user reason", b"error": b"user error",
+              b"group": b"user group"}
+    [msg_id] = await deliver(raw, stream_name, [fields])
+    dlq_id = await kill(client, stream_name, msg_id, fields)
+    assert dlq_id is not None
+    queue = DeadLetterQueue(client, stream_name)
+    letter = await queue.get(dlq_id)
+    assert letter is not None
+    assert letter.reason == "max_deliveries"
+    assert letter.fields == fields
+    [(_, new_id)] = await queue.replay([dlq_id])
+    [(_, replayed)] = [e for e in await stream_entries(raw, stream_name) if e[0] == new_id]
+    assert replayed == fields
+
+
+async def test_malformed_bytes_are_kept_exactly(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    fields = {b"type": b"\xff\xfe", b"\x00key": b"\x80\x81"}
+    [msg_id] = await deliver(raw, stream_name, [fields])
+    dlq_id = await kill(client, stream_name, msg_id, fields, reason="malformed")
+    assert dlq_id is not None
+    letter = await DeadLetterQueue(client, stream_name).get(dlq_id)
+    assert letter is not None
+    assert letter.fields == fields
+    with pytest.raises(MalformedEventError):
+        letter.event()
+    assert letter.to_dict()["fields"]  # printable even when the bytes are not UTF-8
+
+
+async def test_list_pages_filters_and_counts(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    entries = [{b"type": b"t", b"i": str(i).encode()} for i in range(250)]
+    ids = await deliver(raw, stream_name, entries)
+    for i, (msg_id, fields) in enumerate(zip(ids, entries, strict=True)):
+        await kill(client, stream_name, msg_id, fields,
+                   reason="malformed" if i % 50 == 0 else "max_deliveries")
+    queue = DeadLetterQueue(client, stream_name)
+    assert await queue.length() == 250
+    everything = await queue.list(count=1000)
+    assert [x.original_id for x in everything] == ids
+    assert [x.original_id for x in await queue.list(count=10)] == ids[:10]
+    malformed = await queue.list(reason="malformed")
+    assert [x.original_id for x in malformed] == ids[::50]
+    after = await queue.list(count=5, start="(" + everything[100].dlq_id)
+    assert [x.original_id for x in after] == ids[101:106]
+    assert await queue.get("0-1") is None
+    with pytest.raises(ValueError, match="count must be positive"):
+        await queue.list(count=0)
+
+
+async def test_replay_puts_events_back_with_the_same_event_id(
+        make_coordinator: MakeCoordinator, raw: aioredis.Redis, stream_name: str) -> None:
+    producer = make_coordinator()
+    consumer = make_coordinator(consumer_group="g", consumer_name="w", max_deliveries=1)
+    await consumer.initialize()
+    msg_id = await producer.publish_tool_result("t", "123", {"x": None}, 1.0)
+    await raw.xreadgroup("g", "w", {stream_name: ">"})  # delivery 1 fails ...
+    assert await consumer.claim_abandoned_messages(0) == []  # ... delivery 2 > 1: dead
+    queue = consumer.dead_letters
+    [letter] = await queue.list()
+    event_id = letter.fields[b"_eid"].decode()
+
+    [(dlq_id, new_id)] = await queue.replay()
+    assert dlq_id == letter.dlq_id
+    assert new_id != msg_id
+    assert await queue.length() == 0
+    assert await stream_ids(raw, stream_name) == [msg_id, new_id]
+    [event] = [e async for e in consumer.subscribe(timeout_ms=300, max_events=1)]
+    assert event["_msg_id"] == new_id
+    assert event["_event_id"] == event_id  # consumers can deduplicate across the replay
+    assert event["session_id"] == "123"
+    assert event["result"] == {"x": None}
+    # Replaying the same dead letter twice does nothing the second time.
+    assert await queue.replay([dlq_id]) == []
+
+
+async def test_replay_selected_and_filtered(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    entries = [{b"type": b"t", b"i": str(i).encode()} for i in range(4)]
+    ids = await deliver(raw, stream_name, entries)
+    dlq_ids = [await kill(client, stream_name, m, f, reason=r) for m, f, r in
+               zip(ids, entries, ["a", "b", "a", "b"], strict=True)]
+    queue = DeadLetterQueue(client, stream_name)
+    assert [d for d, _ in await queue.replay(where=lambda x: x.reason == "a")] == [
+        dlq_ids[0], dlq_ids[2]]
+    assert [d for d, _ in await queue.replay([str(dlq_ids[1]), "0-1"])] == [dlq_ids[1]]
+    assert [x.dlq_id for x in await queue.list()] == [dlq_ids[3]]
+    assert await raw.xlen(stream_name) == 4 + 3
+
+
+async def test_purge(client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    entries = [{b"type": b"t", b"i": str(i).encode()} for i in range(6)]
+    ids = await deliver(raw, stream_name, entries)
+    dlq_ids = [str(await kill(client, stream_name, m, f, reason="ab"[i % 2]))
+               for i, (m, f) in enumerate(zip(ids, entries, strict=True))]
+    queue = DeadLetterQueue(client, stream_name)
+    assert await queue.purge([dlq_ids[0]]) == 1
+    assert await queue.purge([]) == 0
+    assert await queue.purge([dlq_ids[1], dlq_ids[2]], where=lambda x: x.reason == "a") == 1
+    assert await queue.purge(where=lambda x: x.reason == "b") == 3  # 1, 3 and 5
+    assert [x.dlq_id for x in await queue.list()] == [dlq_ids[4]]
+    assert await queue.purge() == 1
+    assert await queue.length() == 0
+
+
+def test_dead_letter_from_entry_and_format_error() -> None:
+    letter = DeadLetter.from_entry("5-0", {b"original_id": b"1-0", b"reason": b"rejected",
+                                           b"deliveries": b"2", b"type": b"t"})
+    assert letter.original_id == "1-0"
+    assert letter.reason == "rejected"
+    assert letter.deliveries == 2
+    assert letter.fields == {b"type": b"t"}
+    assert format_error(ValueError("boom")) == "ValueError: boom"
+    assert format_error(None) == ""
+    assert len(format_error(RuntimeError("x" * 5000))) <= 2003
