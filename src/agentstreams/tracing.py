@@ -8,7 +8,9 @@ processes is one trace. Without the OpenTelemetry API installed everything here 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,6 +28,32 @@ except ImportError:  # pragma: no cover - depends on the environment
     _AVAILABLE = False
 
 _TRACER_NAME = "agentstreams"
+#: Returned by ``handler_span`` when there is nothing to trace (reusable: it holds no state).
+_NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
+#: Set once a real tracer provider is seen (OpenTelemetry lets it be set only once).
+_provider_seen = False
+_MISSING = object()
+#: A provider named in the environment is installed by the API on first use.
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
+def _provider_configured() -> bool:
+    """True once a tracer provider (an SDK) is installed; cheap while none is.
+
+    Without a provider every span is a no-op, so the per-event span can be skipped entirely.
+    """
+    global _provider_seen
+    if _provider_seen:
+        return True
+    # The API keeps the installed provider in a module global; read it without the environment
+    # lookup ``get_tracer_provider()`` does on every call (fall back to it if the global moves).
+    installed = getattr(_otel_trace, "_TRACER_PROVIDER", _MISSING)
+    if installed is None and not _PROVIDER_FROM_ENV:
+        return False
+    if isinstance(_otel_trace.get_tracer_provider(), _otel_trace.ProxyTracerProvider):
+        return False
+    _provider_seen = True
+    return True
 
 
 def tracing_available() -> bool:
@@ -45,12 +73,23 @@ def current_trace_headers() -> tuple[str | None, str | None]:
     return carrier.get("traceparent"), carrier.get("tracestate")
 
 
-@contextlib.contextmanager
-def handler_span(event: Event, *, group: str, consumer: str) -> Iterator[Any]:
-    """A CONSUMER span for one handler call, child of the publisher's context when present."""
+def handler_span(event: Event, *, group: str, consumer: str) -> AbstractContextManager[Any]:
+    """A CONSUMER span for one handler call, child of the publisher's context when present.
+
+    Near-free when there is nothing to trace: no OpenTelemetry API, or no provider installed,
+    an event without trace headers and an empty current context (then the span would be a
+    no-op that changes nothing the handler can observe).
+    """
     if not _AVAILABLE:
-        yield None
-        return
+        return _NO_SPAN
+    if (not event.traceparent and not _provider_configured()
+            and not _otel_context.get_current()):
+        return _NO_SPAN
+    return _handler_span(event, group=group, consumer=consumer)
+
+
+@contextlib.contextmanager
+def _handler_span(event: Event, *, group: str, consumer: str) -> Iterator[Any]:
     # The parent is the event's context and nothing else: worker tasks inherit the context the
     # worker was started in, and an untraced event must start its own trace, not become a child
     # of whatever span happened to be current at start-up.
