@@ -222,6 +222,7 @@ class Worker:
         self._drained.set()
         self._ack_pending: list[str] = []
         self._ack_wakeup = asyncio.Event()
+        self._ack_lock = asyncio.Lock()
         self._retry_heap: list[tuple[float, int, str]] = []
         self._retry_wakeup = asyncio.Event()
         self._retry_seq = 0
@@ -648,6 +649,10 @@ class Worker:
                 self._ack_wakeup.set()
 
     async def _flush_acks(self, final: bool = False) -> None:
+        async with self._ack_lock:  # one XACK in flight at a time; the rest accumulates
+            await self._flush_acks_locked(final)
+
+    async def _flush_acks_locked(self, final: bool) -> None:
         while self._ack_pending:
             batch = self._ack_pending[:ACK_BATCH_MAX]
             try:
