@@ -43,7 +43,7 @@ import redis.exceptions as redis_exc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agentstreams.connection import redact_url
+from agentstreams.connection import ConnectionSettings, redact_url
 from agentstreams.constants import DLQ_SUFFIX
 from agentstreams.errors import InvalidArgumentError
 from agentstreams.observe import Observer, get_observer, set_observer
@@ -234,6 +234,7 @@ class StreamStatsCollector(Collector):
             raise InvalidArgumentError("socket_timeout_s must be positive")
         if max_streams < 1:
             raise InvalidArgumentError("max_streams must be >= 1")
+        ConnectionSettings(url=redis_url)  # the same URL checks and messages as everywhere else
         self.redis_url = redis_url
         self.namespace = namespace
         self.max_streams = max_streams
