@@ -351,7 +351,7 @@ class StreamStatsCollector(Collector):
             if not self._warned_truncated:
                 logger.warning("metrics: %d streams found, reporting the first %d (raise "
                                "max_streams, or name the streams to report)", len(streams),
-                               self.max_streams)
+                               self.max_streams, extra={"redis_url": redact_url(self.redis_url)})
                 self._warned_truncated = True
             streams = streams[:self.max_streams]
         return streams, dlqs
