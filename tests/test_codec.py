@@ -215,6 +215,18 @@ def test_undecodable_entries_raise_malformed_with_the_raw_fields(
     assert "7-1" in str(info.value)
 
 
+@pytest.mark.parametrize(("fields", "reason_part"), [
+    ({b"type": b"t", b"bomb": b"[" * 100_000}, "nested too deeply"),
+    ({b"type": b"t", b"bomb": b'{"a":' * 20_000 + b"1" + b"}" * 20_000}, "nested too deeply"),
+    ({b"type": b"t", b"_v": b"1", b"_json": b"bomb", b"bomb": b"[" * 100_000},
+     "does not parse"),
+])
+def test_json_bombs_raise_malformed(fields: dict[bytes, bytes], reason_part: str) -> None:
+    """A deeply nested value once escaped as RecursionError and killed the read loop."""
+    with pytest.raises(MalformedEventError, match=reason_part):
+        decode_entry("1-0", fields, stream="s")
+
+
 @given(st.dictionaries(st.binary(max_size=20), st.binary(max_size=50), max_size=6))
 @settings(max_examples=300, deadline=None)
 def test_fuzzed_entries_decode_or_raise_malformed(fields: dict[bytes, bytes]) -> None:

@@ -258,6 +258,18 @@ async def test_undecodable_entries_are_dead_lettered_and_the_loop_goes_on(
     assert info["dead_letters"] == len(GARBAGE)
 
 
+async def test_json_bomb_from_another_writer_is_dead_lettered(
+        make_coordinator: MakeCoordinator, raw: aioredis.Redis, stream_name: str) -> None:
+    consumer = make_coordinator(consumer_group="g")
+    await consumer.initialize()
+    bomb = await xadd_raw(raw, stream_name, {b"type": b"t", b"x": b"[" * 100_000})
+    good = await consumer.publish_agent_started("a", "s", "after the bomb")
+    assert [e["_msg_id"] for e in await consume(consumer, 1)] == [good]
+    [letter] = await consumer.dead_letters.list()
+    assert (letter.original_id, letter.reason) == (bomb, "malformed")
+    assert "nested too deeply" in letter.error
+
+
 async def test_claim_dead_letters_undecodable_entries(
         make_coordinator: MakeCoordinator, raw: aioredis.Redis, stream_name: str) -> None:
     rescuer = make_coordinator(consumer_group="g", consumer_name="rescuer")

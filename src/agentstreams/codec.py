@@ -57,6 +57,7 @@ __all__ = [
     "EncodedEntry",
     "decode_entry",
     "encode_event",
+    "encode_event_text",
     "new_event_id",
     "validate_event_type",
 ]
@@ -65,6 +66,7 @@ __all__ = [
 EncodedEntry = dict[bytes, bytes]
 
 _JSON_SEPARATOR = b","
+_FORMAT_VERSION_TEXT = FORMAT_VERSION_BYTES.decode()
 _METADATA_PREFIX = b"_"
 
 
@@ -125,10 +127,6 @@ def _check_field_name(name: object) -> bytes:
 
 def _dump_json(name: str, value: Any) -> bytes:
     """Encode one non-string value as JSON, refusing anything that would not round-trip."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise SerializationError(
-            f"field {name!r}: {value!r} has no JSON representation; send it as a string"
-        )
     try:
         out = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
@@ -136,15 +134,25 @@ def _dump_json(name: str, value: Any) -> bytes:
             f"field {name!r} cannot be encoded as JSON ({exc}); pass str, int, float, bool, "
             "None, or dicts with string keys and lists of those"
         ) from exc
-    # orjson writes NaN/Infinity nested in containers as null: catch that (rare path).
-    if b"null" in out and isinstance(value, dict | list | tuple):
+    # orjson writes NaN and Infinity (top-level or nested) as null: only then look closer.
+    if b"null" in out and value is not None:
+        _refuse_nan(name, value)
+    return out
+
+
+def _refuse_nan(name: str, value: Any) -> None:
+    """Raise when ``value`` is, or contains, a float that JSON cannot carry (rare path)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SerializationError(
+            f"field {name!r}: {value!r} has no JSON representation; send it as a string"
+        )
+    if isinstance(value, dict | list | tuple):
         try:
             json.dumps(value, allow_nan=False)
         except ValueError as exc:
             raise SerializationError(
                 f"field {name!r} contains NaN or Infinity, which JSON cannot carry"
             ) from exc
-    return out
 
 
 def _encoded_type(event_type: str | EventType) -> bytes:
@@ -233,6 +241,97 @@ def encode_event(
     return entry
 
 
+def _text_byte_length(name: object, value: str) -> int:
+    """UTF-8 length of a str value, refusing lone surrogates (ASCII needs no encoding)."""
+    if value.isascii():
+        return len(value)
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"field {name!r} holds a string that is not valid Unicode (lone surrogate)"
+        ) from exc
+
+
+def encode_event_text(
+    event_type: str | EventType,
+    fields: Mapping[str, Any],
+    *,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    stream: str | None = None,
+    type_in_fields: bool = False,
+) -> list[str]:
+    """The entry ``encode_event`` writes, as a flat ``[name, value, ...]`` list of str.
+
+    Same validation, same field order and the same UTF-8 bytes once encoded; it exists for
+    batches sent as one JSON argument (where bytes would need decoding again). With
+    ``type_in_fields``, a ``type`` key in ``fields`` is the event type and is skipped.
+    """
+    type_bytes = _encoded_type(event_type)
+    pairs = ["type", type_bytes.decode()]
+    json_names: list[str] = []
+    size = len(type_bytes) + 4
+    has_timestamp = False
+    encoded_names = _ENCODED_NAMES
+    for name, value in fields.items():
+        key = encoded_names.get(name) if type(name) is str else None
+        if key is None:
+            if type_in_fields and name == FIELD_TYPE:
+                continue
+            key = _check_field_name(name)
+            if name == FIELD_TYPE:
+                raise InvalidArgumentError("pass the event type separately, not as a 'type' "
+                                           "field")
+            if type(name) is str and len(encoded_names) < _NAME_CACHE_MAX:
+                encoded_names[name] = key
+        if name == FIELD_TIMESTAMP:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidArgumentError(
+                    f"'timestamp' is the producer timestamp and must be a number, got {value!r}"
+                )
+            has_timestamp = True
+        if type(value) is str:
+            size += len(key) + (len(value) if value.isascii()
+                                else _text_byte_length(name, value))
+            text = value
+        else:
+            dumped = _dump_json(name, value)
+            size += len(key) + len(dumped)
+            text = dumped.decode()
+            json_names.append(name)
+        pairs.append(name)
+        pairs.append(text)
+    if not has_timestamp:
+        pairs.append(FIELD_TIMESTAMP)
+        pairs.append(repr(time.time()))
+        json_names.append(FIELD_TIMESTAMP)
+    pairs.append(FIELD_VERSION)
+    pairs.append(_FORMAT_VERSION_TEXT)
+    pairs.append(FIELD_EVENT_ID)
+    pairs.append(new_event_id())
+    if json_names:
+        pairs.append(FIELD_JSON)
+        pairs.append(",".join(json_names))
+    if traceparent:
+        pairs.append(FIELD_TRACEPARENT)
+        pairs.append(traceparent)
+        if tracestate:
+            pairs.append(FIELD_TRACESTATE)
+            pairs.append(tracestate)
+    if size > max_event_bytes:
+        raise PayloadTooLargeError(
+            f"event of type {type_bytes.decode()!r} is {size} bytes, over the "
+            f"{max_event_bytes}-byte limit; store large payloads elsewhere and publish a "
+            "reference, or raise max_event_bytes",
+            size=size,
+            limit=max_event_bytes,
+            stream=stream,
+        )
+    return pairs
+
+
 def _as_str(raw: bytes, what: str, fields: Mapping[bytes, bytes], stream: str,
             msg_id: str) -> str:
     try:
@@ -253,6 +352,9 @@ def _decode_legacy(fields: Mapping[bytes, bytes], stream: str, msg_id: str) -> d
             data[key] = json.loads(text)
         except ValueError:
             data[key] = text
+        except RecursionError as exc:  # a JSON bomb: must not escape into a read loop
+            raise MalformedEventError(f"field {key!r} is JSON nested too deeply to decode",
+                                      fields=fields, stream=stream, msg_id=msg_id) from exc
     return data
 
 
