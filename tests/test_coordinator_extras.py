@@ -86,6 +86,25 @@ async def test_existing_client_instead_of_a_url(
         await client.aclose()
 
 
+async def test_client_with_a_short_socket_timeout_still_blocks_quietly(
+        redis_url: str, raw: aioredis.Redis, stream_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A passed-in client that gives up on replies after 0.3 s: subscribe must block in
+    shorter slices (it used to time out on every read, log a warning, and with a limit never
+    end)."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=0.3)
+    try:
+        async with AgentCoordinator(client, stream_name, "g") as coordinator:
+            with caplog.at_level("WARNING", logger="agentstreams"):
+                assert await asyncio.wait_for(consume(coordinator, 1, timeout_ms=1000),
+                                              timeout=10) == []
+            assert not [r for r in caplog.records if r.name.startswith("agentstreams")]
+            msg_id = await coordinator.publish_agent_started("a", "s", "x")
+            assert [e["_msg_id"] for e in await consume(coordinator, 1)] == [msg_id]
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def unix_stream(valkey_server: LocalServer) -> AsyncIterator[str]:
     name = f"test-unix-{uuid.uuid4().hex[:8]}"

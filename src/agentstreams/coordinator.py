@@ -66,6 +66,13 @@ def _check_int(name: str, value: object, *, minimum: int = 0, allow_none: bool =
         raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _max_block_ms(socket_timeout_s: float) -> int:
+    """Longest BLOCK that returns well before a socket with this timeout gives up."""
+    if socket_timeout_s > SOCKET_TIMEOUT_MARGIN_S + 1:
+        return int(max(1.0, socket_timeout_s - SOCKET_TIMEOUT_MARGIN_S) * 1000)
+    return max(1, int(socket_timeout_s * 500))
+
+
 def _decode_reply(value: Any) -> Any:
     """bytes -> str throughout a reply (what a decode_responses client would return)."""
     if isinstance(value, bytes):
@@ -124,8 +131,7 @@ class AgentCoordinator:
         self._publisher: Publisher | None = None
         self._derived_groups: set[str] = set()
         # A blocking read must return before the socket times out.
-        self._max_block_ms = int(max(1.0, socket_timeout_s - SOCKET_TIMEOUT_MARGIN_S) * 1000) \
-            if socket_timeout_s > SOCKET_TIMEOUT_MARGIN_S + 1 else int(socket_timeout_s * 500)
+        self._max_block_ms = _max_block_ms(socket_timeout_s)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -151,6 +157,13 @@ class AgentCoordinator:
         if self._client is None:
             if self._external_client is not None:
                 self._client = self._external_client
+                # Block for less than the caller's client waits for a reply, or every idle read
+                # would end in a timeout (and a bounded subscribe would never finish).
+                client_timeout = self._client.connection_pool.connection_kwargs.get(
+                    "socket_timeout")
+                if isinstance(client_timeout, int | float) and client_timeout > 0:
+                    self._max_block_ms = min(self._max_block_ms,
+                                             _max_block_ms(float(client_timeout)))
             else:
                 assert self._settings is not None
                 self._client = create_client(self._settings)
