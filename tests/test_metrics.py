@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import subprocess
@@ -496,3 +497,35 @@ def test_cli_rejects_a_bad_url() -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "unsupported URL" in result.stderr
+
+
+async def test_worker_metrics_port_keyword(
+        valkey_server: LocalServer, stream_name: str, process_observer: None) -> None:
+    """``Worker(metrics_port=...)`` serves its metrics from start() to stop()."""
+    if "metrics_port" not in inspect.signature(Worker).parameters:
+        pytest.skip("Worker has no metrics_port keyword yet (see attach_worker_metrics)")
+    port = find_free_port()
+    options: dict[str, Any] = {**WORKER_OPTIONS, "metrics_port": port}
+    worker = Worker(valkey_server.url, stream_name, "g", **options)
+    worker.add_handler(_noop)
+    client = aioredis.Redis.from_url(valkey_server.url)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        await worker.start()
+        await Publisher(client, stream_name).publish("ok", {})
+
+        async def acked() -> bool:
+            samples = await ascrape(url)
+            return value(samples, "agentstreams_events_acknowledged_total",
+                         stream=stream_name, group="g") == 1
+
+        await wait_for(acked, message="the worker's ack on its own endpoint")
+        samples = await ascrape(url)
+        assert value(samples, "agentstreams_consumer_group_pending",
+                     stream=stream_name, group="g") == 0
+    finally:
+        await worker.stop(timeout_s=2)
+        await client.delete(stream_name)
+        await client.aclose()
+    with pytest.raises(urllib.error.URLError):
+        await ascrape(url)  # stop() closed the endpoint
