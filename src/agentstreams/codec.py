@@ -257,6 +257,8 @@ def encode_event_text(
     event_type: str | EventType,
     fields: Mapping[str, Any],
     *,
+    event_id: str | None = None,
+    timestamp: float | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     traceparent: str | None = None,
     tracestate: str | None = None,
@@ -305,12 +307,12 @@ def encode_event_text(
         pairs.append(text)
     if not has_timestamp:
         pairs.append(FIELD_TIMESTAMP)
-        pairs.append(repr(time.time()))
+        pairs.append(repr(time.time() if timestamp is None else timestamp))
         json_names.append(FIELD_TIMESTAMP)
     pairs.append(FIELD_VERSION)
     pairs.append(_FORMAT_VERSION_TEXT)
     pairs.append(FIELD_EVENT_ID)
-    pairs.append(new_event_id())
+    pairs.append(event_id or new_event_id())
     if json_names:
         pairs.append(FIELD_JSON)
         pairs.append(",".join(json_names))

@@ -1,15 +1,23 @@
-"""Publishing: single events, batches in one round trip, and idempotent publishes."""
+"""Publishing: single events, batches in one round trip, and idempotent publishes.
+
+Concurrent ``publish`` calls on one ``Publisher`` are coalesced: while one round trip is in
+flight, what arrives waits and goes out together in the next one (one script call, the batch as
+one JSON argument). An idle publisher sends at once, so coalescing adds no latency, and a
+sequential caller always takes the plain XADD path. Every path writes the same entry.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 import redis.exceptions as redis_exc
 
-from agentstreams.codec import encode_event, entry_to_pairs
+from agentstreams.codec import encode_event, encode_event_text, entry_to_pairs
 from agentstreams.connection import Redis, translate_error
 from agentstreams.constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
 from agentstreams.errors import InvalidArgumentError, PublishTimeoutError
@@ -64,6 +72,7 @@ class Publisher:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         cap: StreamCap | None = None,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
+        coalesce: bool = True,
     ) -> None:
         if not isinstance(max_event_bytes, int) or max_event_bytes <= 0:
             raise InvalidArgumentError("max_event_bytes must be a positive integer")
@@ -77,6 +86,14 @@ class Publisher:
         self._cap_args: list[str | int] = cap.args() if cap and cap.kind == "maxlen" else []
         self._idempotent = client.register_script(scripts.IDEMPOTENT_XADD)
         self._batch = client.register_script(scripts.BATCH_XADD)
+        self._batch_json = client.register_script(scripts.BATCH_XADD_JSON)
+        #: Coalesce concurrent ``publish`` calls into one round trip (see the module docstring).
+        self.coalesce = coalesce
+        #: True while a round trip of this publisher's (a plain XADD or a flush) is in flight.
+        self._busy = False
+        #: Events that arrived while busy: (fields as text, the caller's future).
+        self._waiting: list[tuple[list[str], asyncio.Future[str]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def _current_cap_args(self) -> list[str | int]:
         if self.cap is None:
@@ -113,17 +130,78 @@ class Publisher:
         """
         if traceparent is None:
             traceparent, tracestate = current_trace_headers()
+        if idempotency_key is None and self._busy and self.coalesce:
+            return await self._publish_coalesced(event_type, fields, event_id, traceparent,
+                                                 tracestate)
         entry = self.encode(event_type, fields, event_id=event_id, traceparent=traceparent,
                             tracestate=tracestate)
         if idempotency_key is not None:
             return await self._publish_idempotent(entry, idempotency_key)
+        self._busy = True
         try:
             msg_id = await self.client.execute_command(  # type: ignore[no-untyped-call]
                 "XADD", self.stream, *self._current_cap_args(), "*", *entry_to_pairs(entry))
         except (redis_exc.RedisError, OSError) as exc:
             raise self._fail(exc) from exc
+        finally:
+            self._busy = False
+            if self._waiting:
+                self._start_flusher()
         get_observer().on_published(self.stream, 1)
         return to_str(msg_id)
+
+    async def _publish_coalesced(self, event_type: str | EventType, fields: Mapping[str, Any],
+                                 event_id: str | None, traceparent: str | None,
+                                 tracestate: str | None) -> str:
+        """Queue one event for the next round trip and wait for its id."""
+        text = encode_event_text(event_type, fields, event_id=event_id,
+                                 max_event_bytes=self.max_event_bytes, traceparent=traceparent,
+                                 tracestate=tracestate, stream=self.stream)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.append((text, future))
+        if not self._busy:  # the round trip we queued behind ended meanwhile
+            self._start_flusher()
+        return await future
+
+    def _start_flusher(self) -> None:
+        self._busy = True
+        self._flusher = asyncio.get_running_loop().create_task(
+            self._flush_waiting(), name=f"agentstreams-publish-{self.stream}")
+
+    async def _flush_waiting(self) -> None:
+        """Send what waits, MAX_BATCH per round trip, until nothing does; then go idle."""
+        try:
+            while self._waiting:
+                batch = self._waiting[:MAX_BATCH]
+                del self._waiting[:MAX_BATCH]
+                try:
+                    ids = await self._send_text_batch([text for text, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(self._fail(exc))
+                    continue
+                for (_, future), msg_id in zip(batch, ids, strict=True):
+                    if not future.done():
+                        future.set_result(msg_id)
+        except asyncio.CancelledError:
+            for _, future in self._waiting:
+                future.cancel()
+            self._waiting.clear()
+            raise
+        finally:
+            self._busy = False
+            self._flusher = None
+
+    async def _send_text_batch(self, entries: Sequence[list[str]]) -> list[str]:
+        """One script call writing ``entries`` (text pairs) in order; returns their ids."""
+        args: list[Any] = [orjson.dumps(entries), *self._current_cap_args()]
+        try:
+            reply = await self._batch_json(keys=[self.stream], args=args)
+        except (redis_exc.RedisError, OSError) as exc:
+            raise self._fail(exc) from exc
+        get_observer().on_published(self.stream, len(entries))
+        return [to_str(x) for x in reply]
 
     async def _publish_idempotent(self, entry: dict[bytes, bytes], key: str) -> str:
         if not isinstance(key, str) or not key or len(key) > 256:
@@ -149,18 +227,22 @@ class Publisher:
         """
         if isinstance(events, Mapping | str | bytes):
             raise InvalidArgumentError("publish_many takes a list of event mappings")
-        encoded: list[dict[bytes, bytes]] = []
+        encoded: list[list[str]] = []
         traceparent, tracestate = current_trace_headers()
+        max_event_bytes = self.max_event_bytes
         for index, event in enumerate(events):
             if not isinstance(event, Mapping):
                 raise InvalidArgumentError(f"event #{index} is a {type(event).__name__}, "
                                            "not a mapping")
             if "type" not in event:
                 raise InvalidArgumentError(f"event #{index} has no 'type'")
-            fields = {k: v for k, v in event.items() if k != "type"}
-            encoded.append(self.encode(event["type"], fields, traceparent=traceparent,
-                                       tracestate=tracestate))
-        return await self.publish_encoded(encoded)
+            encoded.append(encode_event_text(
+                event["type"], event, max_event_bytes=max_event_bytes, traceparent=traceparent,
+                tracestate=tracestate, stream=self.stream, type_in_fields=True))
+        ids: list[str] = []
+        for start in range(0, len(encoded), MAX_BATCH):
+            ids.extend(await self._send_text_batch(encoded[start:start + MAX_BATCH]))
+        return ids
 
     async def publish_encoded(self, entries: Sequence[Mapping[bytes, bytes]]) -> list[str]:
         """Send already-encoded entries in as few script calls as possible."""
