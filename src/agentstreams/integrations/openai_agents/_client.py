@@ -230,21 +230,22 @@ class AgentClient:
             max_turns=max_turns)
         self._pending[run_id] = asyncio.get_running_loop().create_future()
         try:
+            # Recorded and announced before the task exists: nobody sees it claimed first.
             await status.start_run(run_id=run_id, session_id=session_id,
                                    reply_to=self.reply_stream)
+            await status.transition(run_id, 0, OFFERED, {"agent": agent, "from_agent": None})
+            with contextlib.suppress(Exception):  # observers only; the hash is the record
+                await Publisher(client, self.keys.events).publish(EventType.STATE_CHANGED, {
+                    "session_id": session_id, "run_id": run_id, "hop": 0, "agent": agent,
+                    "changes": {"status": OFFERED, "hop": 0, "agent": agent},
+                    "timestamp": time.time()})
             inbox = Publisher(client, self.keys.inbox(agent),
                               max_event_bytes=self._max_event_bytes)
             await inbox.publish(TASK_EVENT, task.to_fields(), idempotency_key=task.task_id)
-            # A fast worker may already have claimed it: then this write is refused, correctly.
-            await status.transition(run_id, 0, OFFERED, {"agent": agent, "from_agent": None})
         except BaseException:
             self._pending.pop(run_id, None)
             raise
         self.stats.submitted += 1
-        with contextlib.suppress(Exception):  # observers only; the status hash is the record
-            await Publisher(client, self.keys.events).publish(EventType.STATE_CHANGED, {
-                "session_id": session_id, "run_id": run_id, "hop": 0, "agent": agent,
-                "changes": {"status": OFFERED}, "timestamp": time.time()})
         return run_id
 
     async def wait(self, run_id: str, timeout_s: float | None = None) -> AgentRunResult:

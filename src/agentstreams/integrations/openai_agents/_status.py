@@ -145,6 +145,12 @@ class StatusStore:
         value = await call(lambda: self.client.hget(key, f"hop:{hop}:state"), stream=key)
         return to_str(value) if value is not None else None
 
+    async def final_reply(self, run_id: str) -> RunReply | None:
+        """The reply of a finished run (None while it runs)."""
+        key = self.keys.run(run_id)
+        value = await call(lambda: self.client.hget(key, "reply"), stream=key)
+        return RunReply.from_mapping(orjson.loads(value)) if value else None
+
     async def latest_run(self, session_id: str) -> str | None:
         """Id of the session's latest run."""
         key = self.keys.session(session_id)

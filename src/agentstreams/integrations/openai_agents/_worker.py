@@ -259,8 +259,8 @@ class AgentWorker:
                                 extra_fields={"run_id": task.run_id, "hop": task.hop,
                                               "worker": self.name})
 
-    async def _lifecycle(self, hooks: CoordinatorHooks, task: TaskEnvelope, hop: int,
-                         agent: str, status: str, **more: Any) -> None:
+    async def _lifecycle(self, hooks: CoordinatorHooks, hop: int, agent: str, status: str,
+                         **more: Any) -> None:
         """A ``state_changed`` event for observers (the status hash is the record)."""
         await hooks.publish(EventType.STATE_CHANGED, {
             "agent": agent, "changes": {"status": status, "hop": hop, "agent": agent, **more}})
@@ -288,11 +288,12 @@ class AgentWorker:
             self.stats.already_done += 1
             logger.info("hop %s is already finished; acknowledging the redelivery",
                         task.task_id)
+            await self._resend_final_reply(task)
             return
         if event.delivery_count > 1:
             self.stats.reruns += 1
         self.stats.hops_run += 1
-        await self._lifecycle(hooks, task, task.hop, task.agent, CLAIMED,
+        await self._lifecycle(hooks, task.hop, task.agent, CLAIMED,
                               delivery_count=event.delivery_count)
         info = TaskInfo(run_id=task.run_id, session_id=task.session_id, hop=task.hop,
                         agent=task.agent, worker=self.name, delivery_count=event.delivery_count)
@@ -340,19 +341,21 @@ class AgentWorker:
         following = dataclasses.replace(task, hop=task.hop + 1, agent=target,
                                         from_agent=from_agent, input=conversation,
                                         usage=usage, chain=chain)
+        # "offered" is recorded and announced before the task exists, so nobody can see the
+        # next hop claimed before it was offered (refused by the status script if it was).
+        await status.transition(task.run_id, following.hop, OFFERED,
+                                {"agent": target, "from_agent": from_agent})
+        await self._lifecycle(hooks, following.hop, target, OFFERED,
+                              from_agent=from_agent)
         # Idempotent: if this hop is re-run after a crash, the next hop is not offered twice.
         await Publisher(client, self.keys.inbox(target),
                         max_event_bytes=self.max_event_bytes).publish(
             TASK_EVENT, following.to_fields(), idempotency_key=following.task_id)
-        await status.transition(task.run_id, following.hop, OFFERED,
-                                {"agent": target, "from_agent": from_agent})
         await status.transition(task.run_id, task.hop, COMPLETED,
                                 {"agent": task.agent, "worker": self.name,
                                  "from_agent": task.from_agent, "handed_off_to": target})
         self.stats.handed_off += 1
-        await self._lifecycle(hooks, task, task.hop, task.agent, COMPLETED, handed_off_to=target)
-        await self._lifecycle(hooks, task, following.hop, target, OFFERED,
-                              from_agent=from_agent)
+        await self._lifecycle(hooks, task.hop, task.agent, COMPLETED, handed_off_to=target)
 
     async def _reply(self, task: TaskEnvelope, reply: RunReply) -> None:
         client, _, _ = self._connected()
@@ -361,35 +364,54 @@ class AgentWorker:
             REPLY_EVENT, reply.to_fields(), idempotency_key=f"{task.run_id}:reply")
         await client.expire(task.reply_to, int(REPLY_STREAM_TTL_S))
 
+    async def _finish(self, task: TaskEnvelope, reply: RunReply,
+                      record: Mapping[str, Any]) -> bool:
+        """Make the run final, then answer the caller; False if it was already final.
+
+        The status is written first so that a caller holding the reply always sees the run
+        finished. A crash between the two is repaired by the redelivery: the hop is refused as
+        finished and the stored reply is sent (once: the reply is idempotent).
+        """
+        _, status, _ = self._connected()
+        applied = await status.transition(task.run_id, task.hop, reply.status, record,
+                                          reply=reply)
+        if applied:
+            await self._reply(task, reply)
+        else:
+            await self._resend_final_reply(task)
+        return applied
+
+    async def _resend_final_reply(self, task: TaskEnvelope) -> None:
+        _, status, _ = self._connected()
+        stored = await status.final_reply(task.run_id)
+        if stored is not None:
+            await self._reply(task, stored)
+
     async def _complete(self, task: TaskEnvelope, hooks: CoordinatorHooks, output: Any,
                         last_agent: str, chain: tuple[ChainLink, ...],
                         usage: Mapping[str, int]) -> None:
-        _, status, _ = self._connected()
         reply = RunReply(run_id=task.run_id, session_id=task.session_id, status=COMPLETED,
                          final_output=to_jsonable(output), last_agent=last_agent, chain=chain,
                          usage=usage)
-        await self._reply(task, reply)
-        await status.transition(task.run_id, task.hop, COMPLETED,
-                                {"agent": task.agent, "worker": self.name,
-                                 "from_agent": task.from_agent}, reply=reply)
+        if not await self._finish(task, reply, {"agent": task.agent, "worker": self.name,
+                                                "from_agent": task.from_agent}):
+            return
         self.stats.completed += 1
-        await self._lifecycle(hooks, task, task.hop, task.agent, COMPLETED,
+        await self._lifecycle(hooks, task.hop, task.agent, COMPLETED,
                               last_agent=last_agent)
 
     async def _fail(self, task: TaskEnvelope, hooks: CoordinatorHooks, agent: str,
                     error_type: str, message: str, delivery_count: int) -> None:
-        _, status, _ = self._connected()
         error = {"agent": agent, "error_type": error_type,
                  "error_message": message[:ERROR_MESSAGE_CHARS]}
         reply = RunReply(run_id=task.run_id, session_id=task.session_id, status=FAILED,
                          chain=task.chain, usage=task.usage, error=error)
-        await self._reply(task, reply)
-        await status.transition(task.run_id, task.hop, FAILED,
-                                {"agent": task.agent, "worker": self.name,
-                                 "from_agent": task.from_agent,
-                                 "delivery_count": delivery_count, "error": error},
-                                reply=reply)
+        if not await self._finish(task, reply, {"agent": task.agent, "worker": self.name,
+                                                "from_agent": task.from_agent,
+                                                "delivery_count": delivery_count,
+                                                "error": error}):
+            return
         self.stats.failed += 1
         await hooks.publish(EventType.ERROR, {"agent_name": agent, "error_type": error_type,
                                               "error_message": error["error_message"]})
-        await self._lifecycle(hooks, task, task.hop, task.agent, FAILED, **error)
+        await self._lifecycle(hooks, task.hop, task.agent, FAILED, error=error)
