@@ -7,9 +7,11 @@ is shown as malformed, never ends the command. A lost connection is retried with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
 import typer
@@ -32,7 +34,7 @@ from agentstreams.cli._common import (
 from agentstreams.cli.app import app
 from agentstreams.codec import decode_entry
 from agentstreams.connection import Backoff, Redis, call
-from agentstreams.constants import DEFAULT_BLOCK_MS, FIELD_SESSION_ID, FIELD_TIMESTAMP, FIELD_TYPE
+from agentstreams.constants import FIELD_SESSION_ID, FIELD_TIMESTAMP, FIELD_TYPE
 from agentstreams.errors import ConnectionLostError, MalformedEventError
 from agentstreams.runtime.streams import (
     entries_from_read_reply,
@@ -41,6 +43,8 @@ from agentstreams.runtime.streams import (
     to_str,
 )
 
+#: Longest XREAD BLOCK: short, so a stop request is never kept waiting long.
+TAIL_BLOCK_MS = 1000
 #: Entries fetched per XREAD.
 READ_BATCH = 200
 #: Values longer than this are cut in the one-line view (--json always prints them whole).
@@ -48,6 +52,34 @@ MAX_VALUE_CHARS = 200
 #: Largest sequence number of a stream id: the predecessor of ``ms-0`` is ``(ms-1)-MAX_SEQ``.
 MAX_SEQ = 2**64 - 1
 _SHOWN_APART = (FIELD_TYPE, FIELD_SESSION_ID, FIELD_TIMESTAMP)
+
+
+@contextlib.asynccontextmanager
+async def _ctrl_c() -> AsyncIterator[asyncio.Future[None]]:
+    """A future that completes on the first Ctrl-C (a second one interrupts at once).
+
+    Cancelling the main task, asyncio's default, is not enough: a cancel that arrives while
+    the client takes a connection from its pool can be swallowed, and tail would hang.
+    """
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[None] = loop.create_future()
+
+    def on_sigint() -> None:
+        if stopped.done():
+            raise KeyboardInterrupt
+        stopped.set_result(None)
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+        yield stopped
+        return
+    try:
+        yield stopped
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if not stopped.done():
+            stopped.cancel()
 
 
 def id_before(msg_id: str) -> str:
@@ -177,27 +209,40 @@ def tail_command(
     async def command(client: Redis) -> None:
         await require_stream(client, stream)
         cursor = await _start_cursor(client, stream, start, printer)
-        if not done():
+        if done():
+            return
+        async with _ctrl_c() as stopped:
             err.print(Text(f"following {stream!r} after {cursor} (Ctrl-C to stop)",
                            style="dim"))
-        backoff = Backoff()
-        while not done():
-            block_ms = DEFAULT_BLOCK_MS
-            if deadline is not None:
-                block_ms = max(1, min(block_ms, int((deadline - time.monotonic()) * 1000)))
-            try:
-                reply = await call(lambda c=cursor, b=block_ms: client.xread(  # type: ignore[misc]
-                    {stream: c}, count=READ_BATCH, block=b), stream=stream)
-            except ConnectionLostError as exc:
-                delay = backoff.next_delay()
-                err.print(Text(f"{exc}; retrying in {delay:.1f}s", style="yellow"))
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            for msg_id, fields in entries_from_read_reply(reply):
-                cursor = msg_id
-                printer.show(msg_id, fields)
-                if count is not None and printer.printed >= count:
-                    break
+            backoff = Backoff()
+            while not done():
+                block_ms = TAIL_BLOCK_MS
+                if deadline is not None:
+                    block_ms = max(1, min(block_ms, int((deadline - time.monotonic()) * 1000)))
+                read = asyncio.ensure_future(call(
+                    lambda c=cursor, b=block_ms: client.xread(  # type: ignore[misc]
+                        {stream: c}, count=READ_BATCH, block=b), stream=stream))
+                either: set[asyncio.Future[Any]] = {read, stopped}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if stopped.done():
+                    read.cancel()
+                    # A cancel can be lost inside the client; the read still ends with BLOCK.
+                    await asyncio.wait({read}, timeout=block_ms / 1000 + 1)
+                    if read.done() and not read.cancelled():
+                        read.exception()  # retrieved, so asyncio does not warn about it
+                    return
+                try:
+                    reply = read.result()
+                except ConnectionLostError as exc:
+                    delay = backoff.next_delay()
+                    err.print(Text(f"{exc}; retrying in {delay:.1f}s", style="yellow"))
+                    await asyncio.wait({stopped}, timeout=delay)
+                    continue
+                backoff.reset()
+                for msg_id, fields in entries_from_read_reply(reply):
+                    cursor = msg_id
+                    printer.show(msg_id, fields)
+                    if count is not None and printer.printed >= count:
+                        break
 
     run(redis_url, as_json, command)
