@@ -361,7 +361,7 @@ async def test_claim_moves_entries_of_one_consumer_without_counting_a_delivery(
         ids.weather: ("researcher-2", 1)}
     human = await cli("claim", stream_name, GROUP, "other", "--id", ids.weather, url=url)
     assert human.code == 0, human.err
-    assert "claimed 1 entries" in human.out
+    assert "claimed 1 entry" in human.out
     assert (await pending_rows(client, stream_name))[ids.weather] == ("other", 1)
 
 
@@ -443,7 +443,7 @@ async def test_dlq_replay_by_filter_then_all(valkey: tuple[str, aioredis.Redis],
     assert [x["reason"] for x in left] == ["max_deliveries"]
     rest = await cli("dlq", "replay", stream_name, "--all", url=url)
     assert rest.code == 0, rest.err
-    assert "replayed 1 dead letters" in rest.out
+    assert "replayed 1 dead letter" in rest.out
     assert await client.xlen(dlq_key(stream_name)) == 0
     assert await client.xlen(stream_name) == length + 2
 

@@ -13,13 +13,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import redis.exceptions as redis_exc
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from agentstreams.connection import ConnectionSettings, Redis, call, create_client, redact_url
 from agentstreams.errors import (
@@ -37,16 +38,24 @@ __all__ = [
     "ExitCode",
     "JsonOption",
     "RedisUrlOption",
+    "age_ms_of",
+    "count_of",
     "emit_json",
     "entry_ms",
     "err",
     "fail",
     "format_age",
     "format_time",
+    "group_names",
+    "is_stream_id",
+    "key_type",
+    "now_ms",
     "out",
+    "report_error",
     "require_group",
     "require_stream",
     "run",
+    "usage_error",
 ]
 
 T = TypeVar("T")
@@ -278,7 +287,7 @@ def report_error(message: str, code: ExitCode, as_json: bool) -> NoReturn:
     if as_json:
         sys.stderr.write(json.dumps({"error": message, "exit_code": int(code)}) + "\n")
     else:
-        err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+        err.print(Text.assemble(("error: ", "bold red"), message))  # no markup in messages
     raise typer.Exit(int(code))
 
 
@@ -313,6 +322,6 @@ def run(url: str, as_json: bool, command: Callable[[Redis], Awaitable[T]]) -> T:
         report_error(message, code, as_json)
 
 
-def join(values: Sequence[str]) -> str:
-    """Comma-separated, or ``-`` for none."""
-    return ", ".join(values) if values else "-"
+def count_of(n: int, singular: str, plural: str | None = None) -> str:
+    """``1 entry``, ``3 entries``: a number with its noun."""
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"

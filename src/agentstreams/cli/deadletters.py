@@ -21,6 +21,7 @@ from agentstreams.cli._common import (
     JsonOption,
     RedisUrlOption,
     age_ms_of,
+    count_of,
     emit_json,
     fail,
     format_age,
@@ -160,7 +161,7 @@ def list_command(
             emit_json({"stream": stream, "dead_letters": total,
                        "entries": [_letter_json(x) for x in letters]})
             return
-        out.print(Text(f"{total} dead letters for {stream!r} (in {dlq_key(stream)!r})"))
+        out.print(Text(f"{count_of(total, 'dead letter')} for {stream!r} (in {dlq_key(stream)!r})"))
         if not letters:
             return
         table = Table()
@@ -261,7 +262,7 @@ def replay_command(
                        "replayed": [{"dlq_id": d, "new_id": n} for d, n in replayed],
                        "not_found": missing})
         else:
-            out.print(Text(f"replayed {len(replayed)} dead letters onto {stream!r}"))
+            out.print(Text(f"replayed {count_of(len(replayed), 'dead letter')} onto {stream!r}"))
             for dead_id, new_id in replayed:
                 out.print(f"  {dead_id} -> {new_id}")
         if missing:
@@ -303,7 +304,7 @@ def purge_command(
         if as_json:
             emit_json({"stream": stream, "purged": purged, "not_found": missing})
         else:
-            out.print(Text(f"purged {purged} dead letters of {stream!r}"))
+            out.print(Text(f"purged {count_of(purged, 'dead letter')} of {stream!r}"))
         if missing:
             fail(f"no dead letter {', '.join(missing)} in {queue.key!r}", ExitCode.NOT_FOUND)
 

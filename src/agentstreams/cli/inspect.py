@@ -18,6 +18,7 @@ from agentstreams.cli._common import (
     JsonOption,
     RedisUrlOption,
     age_ms_of,
+    count_of,
     emit_json,
     format_age,
     is_stream_id,
@@ -455,8 +456,8 @@ def claim(
         if as_json:
             emit_json(report)
             return
-        out.print(Text(f"claimed {len(claimed)} entries for consumer {consumer!r} in group "
-                       f"{group!r} of {stream!r}"))
+        out.print(Text(f"claimed {count_of(len(claimed), 'entry', 'entries')} for consumer "
+                       f"{consumer!r} in group {group!r} of {stream!r}"))
         for msg_id in claimed:
             out.print(f"  {msg_id}")
         if skipped:
@@ -498,7 +499,7 @@ def trim_command(
         if as_json:
             emit_json(report)
             return
-        out.print(Text(f"removed {result.removed} entries from {stream!r}: "
+        out.print(Text(f"removed {count_of(result.removed, 'entry', 'entries')} from {stream!r}: "
                        f"{before} -> {after}"))
         if result.limited_by_groups:
             out.print(Text(f"kept entries from {result.floor_id} on: a consumer group has not "
