@@ -173,7 +173,8 @@ async def autoclaim_all(client: Redis, stream: str, group: str, consumer: str, *
         logger.warning(
             "%d pending entries of stream %r group %r were deleted or trimmed before they were "
             "acknowledged; they are lost to this group", len(deleted), stream, group,
-            extra={"stream": stream, "group": group, "lost_ids": deleted[:20]},
+            extra={"stream": stream, "group": group, "consumer": consumer,
+                   "lost_ids": deleted[:20]},
         )
     return claimed, deleted
 

@@ -87,6 +87,21 @@ RECONNECT_BASE_S = 0.05
 RECONNECT_CAP_S = 5.0
 
 
+#: How long stop() waits for a cancelled background task before giving up on it. redis-py can
+#: turn a cancellation into a connection error; the loops then notice the stop flag instead.
+TASK_SETTLE_TIMEOUT_S = 5.0
+
+
+async def _settle(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for cancelled tasks to finish, without hanging on one that swallowed its cancel."""
+    if not tasks:
+        return
+    _done, pending = await asyncio.wait(tasks, timeout=TASK_SETTLE_TIMEOUT_S)
+    for task in pending:
+        logger.warning("background task %s did not stop in time", task.get_name())
+        task.cancel()
+
+
 @dataclass(slots=True)
 class WorkerStats:
     """Counters since the worker started."""
@@ -154,6 +169,7 @@ class Worker:
         group_start_id: str = "0",
         probe_server: bool = True,
         observer: Observer | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.stream = validate_name("stream_name", stream_name)
         self.group = validate_name("consumer_group", consumer_group)
@@ -199,6 +215,9 @@ class Worker:
         self.group_start_id = group_start_id
         self.probe_server = probe_server
         self.observer = observer
+        #: serve Prometheus metrics on this port from start() to stop() (extra ``metrics``)
+        self.metrics_port = metrics_port
+        self._metrics: Any = None
         #: how many entries may be held locally (running + queued + waiting to retry)
         self.max_in_flight = concurrency + self.prefetch
 
@@ -206,6 +225,9 @@ class Worker:
         self._settings = None if client is not None else ConnectionSettings(
             url=redis_url,
             socket_timeout_s=block_ms / 1000 + SOCKET_TIMEOUT_MARGIN_S,
+            # Our loops retry with backoff; redis-py's own retries would multiply the time a
+            # read hangs on a half-open connection.
+            command_retries=0,
             client_name=f"agentstreams:{self.consumer}",
         )
         self._client: Redis | None = None
@@ -214,6 +236,8 @@ class Worker:
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        #: set once in-flight work is over: the acker and lease renewer may end too
+        self._closing = False
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._in_flight: dict[str, _InFlight] = {}
         self._capacity = asyncio.Event()
@@ -278,6 +302,12 @@ class Worker:
         if not self._handlers:
             raise InvalidArgumentError("register at least one handler before starting the worker")
         self._started = True
+        if self.metrics_port is not None:
+            from agentstreams.metrics import attach_worker_metrics
+
+            self._metrics = attach_worker_metrics(
+                self, self.metrics_port,
+                redis_url=self._settings.url if self._settings is not None else None)
         if self._external_client is not None:
             self._client = self._external_client
         else:
@@ -365,19 +395,22 @@ class Worker:
                 await asyncio.wait_for(self._drained.wait(),
                                        timeout=max(0.0, deadline - time.monotonic()))
         unfinished = len(self._in_flight)
+        self._closing = True
         for runner in self._runners:
             runner.cancel()
-        await asyncio.gather(*self._runners, return_exceptions=True)
+        await _settle(self._runners)
         await self._flush_acks(final=True)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _settle(self._tasks)
         if unfinished:
             logger.warning("stopped with %d handlers unfinished; their events stay pending and "
                            "will be redelivered", unfinished, extra=self._log_extra())
         if self._client is not None and self._client is not self._external_client:
             await self._client.aclose()
         self._stopped.set()
+        if self._metrics is not None:
+            self._metrics.close()
         logger.info("worker %s stopped: %s", self.consumer, self.stats.as_dict(),
                     extra=self._log_extra())
 
@@ -395,7 +428,8 @@ class Worker:
             appendonly = await self.client.config_get("appendonly")
             policy = await self.client.config_get("maxmemory-policy")
         except Exception as exc:  # CONFIG may be forbidden by ACLs or a managed service
-            logger.debug("could not probe the server configuration: %s", exc)
+            logger.debug("could not probe the server configuration: %s", exc,
+                         extra=self._log_extra())
             return
         aof = to_str(first_field(appendonly, "appendonly"))
         eviction = to_str(first_field(policy, "maxmemory-policy"))
@@ -594,7 +628,7 @@ class Worker:
 
     async def _retry_loop(self) -> None:
         """Re-claim failed entries when their backoff expires (XCLAIM counts the delivery)."""
-        while True:
+        while not self._stopping.is_set():
             if not self._retry_heap:
                 self._retry_wakeup.clear()
                 await self._retry_wakeup.wait()
@@ -635,7 +669,7 @@ class Worker:
 
     async def _ack_loop(self) -> None:
         backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
-        while True:
+        while not self._closing:
             await self._ack_wakeup.wait()
             self._ack_wakeup.clear()
             try:
@@ -702,7 +736,7 @@ class Worker:
 
     async def _lease_loop(self) -> None:
         """Keep entries whose handlers are still running from looking abandoned."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.lease_interval_s / 2)
             now = time.monotonic()
             threshold = now - self.lease_interval_s
@@ -735,7 +769,7 @@ class Worker:
     async def _reclaim_loop(self) -> None:
         """Claim entries abandoned by other consumers; remove consumers long gone."""
         next_cleanup = time.monotonic() + self.reclaim_interval_s
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(self.reclaim_interval_s)
             try:
                 await self._reclaim_once()
