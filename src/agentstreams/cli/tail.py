@@ -164,14 +164,15 @@ class _Printer:
 async def _start_cursor(client: Redis, stream: str, start: str | None,
                         printer: _Printer) -> str:
     """Where following begins; ``-N`` prints the last N entries first."""
-    if start is not None and start.startswith("-") and start[1:].isdigit():
+    if start is not None and start.startswith("-") and start[1:].isdigit() \
+            and int(start[1:]) > 0:
         newest = await call(lambda: client.xrevrange(stream, count=int(start[1:])),
                             stream=stream)
         for msg_id, fields in reversed(entries_from_read_reply([(stream, newest)])):
             printer.show(msg_id, fields)
         # Follow from the newest entry shown, so nothing added meanwhile is missed or doubled.
         return to_str(newest[0][0]) if newest else "0-0"
-    if start is not None and start != "$":
+    if start is not None and start != "$" and not start.startswith("-"):
         return id_before(start)
     info = await call(lambda: client.xinfo_stream(stream), stream=stream)
     return to_str(first_field(info, "last-generated-id")) or "0-0"
