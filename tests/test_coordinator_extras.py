@@ -4,6 +4,7 @@ batches, clear errors for bad input, and a read loop that survives bad entries a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -379,6 +380,73 @@ async def test_subscribe_recreates_a_deleted_group(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_subscribe_survives_deletion_of_the_stream(
+        redis_url: str, make_coordinator: MakeCoordinator, raw: aioredis.Redis,
+        stream_name: str) -> None:
+    """DEL the stream under a blocked subscriber (Redis 7 answers UNBLOCKED, Valkey NOGROUP):
+    the group is re-created and a later event is delivered."""
+    name = f"del-{uuid.uuid4().hex[:8]}"
+    consumer = make_coordinator(redis_url=with_query(redis_url, f"client_name={name}"),
+                                consumer_group="g")
+    await consumer.initialize()
+    received: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        async for event in consumer.subscribe(timeout_ms=0):
+            received.append(event)
+
+    async def blocked() -> bool:
+        return any(c.get("cmd") == "xreadgroup" for c in await clients_named(raw, name))
+
+    task = asyncio.create_task(run())
+    try:
+        await wait_for(blocked, timeout_s=5, message="the subscriber to block")
+        await raw.delete(stream_name)
+
+        async def group_recreated() -> bool:
+            return await raw.exists(stream_name) == 1
+
+        await wait_for(group_recreated, timeout_s=10, message="the group to be re-created")
+        msg_id = await consumer.publish_agent_started("a", "s", "after the DEL")
+
+        async def delivered() -> bool:
+            return [e["_msg_id"] for e in received] == [msg_id]
+
+        await wait_for(delivered, timeout_s=10, message="the event published after the DEL")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_swallowed_cancellation_still_stops_subscribe(
+        make_coordinator: MakeCoordinator) -> None:
+    """Python 3.11's asyncio.wait_for, which redis-py uses for every send, can drop a
+    cancellation that lands as a send completes; the task then stays "cancelling" and the loop
+    must stop by itself instead of reading forever. Here the drop is made to happen on
+    purpose, right after the first event."""
+    consumer = make_coordinator(consumer_group="g")
+    await consumer.initialize()
+    await consumer.publish_agent_started("a", "s", "1")
+    await consumer.publish_agent_started("a", "s", "2")
+    received: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        async for event in consumer.subscribe(timeout_ms=0):
+            received.append(event)
+            me.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # what wait_for does on 3.11
+                await asyncio.sleep(0)
+
+    task = asyncio.create_task(run())
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=10)
+    assert len(received) == 1
 
 
 async def test_subscribe_survives_a_server_restart(tmp_path: Any) -> None:

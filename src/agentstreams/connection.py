@@ -151,6 +151,15 @@ def translate_error(exc: BaseException, *, stream: str | None = None,
                 f"consumer group {group!r} does not exist on stream {stream!r}; call "
                 "initialize() (or create it with XGROUP CREATE ... MKSTREAM)",
                 stream=stream, group=group)
+        if text.startswith("UNBLOCKED"):
+            # Redis 7 ends a blocked XREADGROUP this way when the stream is deleted (the group
+            # went with it); CLIENT UNBLOCK ... ERROR also lands here: the read can be retried.
+            if "no longer exists" in text:
+                return GroupNotFoundError(
+                    f"stream {stream!r} was deleted (with consumer group {group!r}) during a "
+                    "blocking read", stream=stream, group=group)
+            return ConnectionLostError(f"the server ended a blocking read ({text}); retry it",
+                                       stream=stream, group=group)
         if text.startswith("WRONGTYPE"):
             return WrongTypeError(f"key {stream!r} holds a value that is not a stream",
                                   stream=stream, group=group)

@@ -73,6 +73,17 @@ def _max_block_ms(socket_timeout_s: float) -> int:
     return max(1, int(socket_timeout_s * 500))
 
 
+def _raise_if_cancel_was_swallowed() -> None:
+    """Stop a loop whose task was cancelled even if the CancelledError got lost.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py uses to send every command) drops a
+    cancellation that arrives just as the send completes; the loop would then run on forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _decode_reply(value: Any) -> Any:
     """bytes -> str throughout a reply (what a decode_responses client would return)."""
     if isinstance(value, bytes):
@@ -365,6 +376,7 @@ class AgentCoordinator:
         backoff = Backoff()
         pending_cursor: str | None = "0"  # None once our own pending entries are drained
         while True:
+            _raise_if_cancel_was_swallowed()
             # Never read more than the caller will take: read-ahead beyond max_events would be
             # left pending for this consumer when the loop ends.
             read_count = SUBSCRIBE_READ_COUNT if max_events is None \
@@ -402,6 +414,7 @@ class AgentCoordinator:
                 pending_cursor = "0"  # a lost reply may have left entries pending for us
                 continue
             for entry in entries:
+                _raise_if_cancel_was_swallowed()
                 deliveries = counts.get(entry[0], 1)
                 if deliveries > self._max_deliveries:
                     await self._dead_letter(client, group, entry[0], entry[1],
@@ -427,6 +440,7 @@ class AgentCoordinator:
         timeout (0 = indefinitely), so a half-open connection is noticed."""
         deadline = None if timeout_ms == 0 else time.monotonic() + timeout_ms / 1000
         while True:
+            _raise_if_cancel_was_swallowed()
             if deadline is None:
                 block = self._max_block_ms
             else:
