@@ -4,7 +4,7 @@ usage: python -m agents_support.worker_proc REDIS_URL NAMESPACE AGENTS [options]
 
 AGENTS is a comma-separated subset of triage,research,writer. Once consuming, the process sets
 ``<NAMESPACE>:ready:<worker name>`` to its pid. The lookup tool reports to the list
-``<NAMESPACE>:probe`` ({"event", "key", "pid"} as JSON) and records its effect once per stable
+``<NAMESPACE>:probe`` ({"event", "key", "pid", "t"} as JSON) and records its effect once per stable
 call key in ``<NAMESPACE>:effects`` (SET NX), like an idempotent side effect would.
 Runs until SIGTERM.
 """
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import redis.asyncio as aioredis
 from agents import set_tracing_disabled
@@ -31,7 +32,8 @@ async def main(args: argparse.Namespace) -> None:
 
     async def probe(event: str, key: str, pid: int) -> None:
         await probe_client.rpush(f"{args.namespace}:probe",
-                                 json.dumps({"event": event, "key": key, "pid": pid}))
+                                 json.dumps({"event": event, "key": key, "pid": pid,
+                                             "t": time.time()}))
         if event == "done" and await probe_client.set(f"{args.namespace}:effect:{key}", pid,
                                                       nx=True):
             await probe_client.incr(f"{args.namespace}:effects")

@@ -157,9 +157,16 @@ class AgentClient:
             return
         self._closed = True
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            reader = self._reader
+            reader.cancel()
+            # redis-py can swallow the cancellation of a blocking read (seen with 8.1 under
+            # load), so the loop also checks _closed: it ends after at most one more read.
+            # asyncio.wait, unlike awaiting the task, never eats the caller's own cancel.
+            done, _ = await asyncio.wait([reader], timeout=REPLY_BLOCK_MS / 1000 * 3)
+            if not done:
+                logger.warning("the reply reader did not stop; closing its connection anyway")
+            elif not reader.cancelled() and reader.exception() is not None:
+                logger.warning("the reply reader had failed: %r", reader.exception())
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ClosedError("the AgentClient was closed"))
@@ -313,7 +320,7 @@ class AgentClient:
         client, _ = self._connected()
         last_id = "0-0"
         backoff = Backoff()
-        while True:
+        while not self._closed:
             try:
                 self._reader_ready.set()
                 reply = await call(lambda start=last_id: client.xread(  # type: ignore[misc]
