@@ -36,6 +36,7 @@ from agentstreams.errors import (
     MalformedEventError,
 )
 from agentstreams.events import Event, EventType
+from agentstreams.observe import get_observer
 from agentstreams.runtime.dlq import DeadLetterQueue, dead_letter
 from agentstreams.runtime.publisher import Publisher, StreamCap
 from agentstreams.runtime.retention import trim
@@ -55,8 +56,9 @@ __all__ = ["AgentCoordinator"]
 
 logger = logging.getLogger("agentstreams.coordinator")
 
-#: Entries fetched per XREADGROUP in subscribe (the reference used 10).
-SUBSCRIBE_READ_COUNT = 50
+#: Entries fetched per XREADGROUP in subscribe, as the reference did: a caller that stops early
+#: leaves at most this many read-ahead entries pending on its consumer.
+SUBSCRIBE_READ_COUNT = 10
 
 
 def _check_int(name: str, value: object, *, minimum: int = 0, allow_none: bool = False) -> None:
@@ -322,9 +324,14 @@ class AgentCoordinator:
         dlq_id = await dead_letter(client, stream=self._stream_name, group=group,
                                    consumer=self._consumer_name, msg_id=msg_id, fields=fields,
                                    reason=reason, error=error, deliveries=deliveries)
+        if dlq_id is not None:
+            get_observer().on_dead_lettered(self._stream_name, group, reason)
         logger.warning("dead-lettered %s from %r (%s: %s)", msg_id, self._stream_name, reason,
-                       error, extra={"stream": self._stream_name, "group": group,
-                                     "msg_id": msg_id, "dlq_id": dlq_id})
+                       error, extra=self._log_extra(group, msg_id=msg_id, dlq_id=dlq_id))
+
+    def _log_extra(self, group: str, **more: Any) -> dict[str, Any]:
+        return {"stream": self._stream_name, "group": group, "consumer": self._consumer_name,
+                **more}
 
     async def _decode_or_dead_letter(self, client: Redis, group: str, entry: RawEntry,
                                      deliveries: int) -> Event | None:
@@ -332,14 +339,15 @@ class AgentCoordinator:
         if fields is None:
             logger.warning("pending entry %s of %r was deleted or trimmed before it was "
                            "acknowledged; it is lost", msg_id, self._stream_name,
-                           extra={"stream": self._stream_name, "group": group,
-                                  "msg_id": msg_id})
+                           extra=self._log_extra(group, msg_id=msg_id))
+            get_observer().on_lost(self._stream_name, group, 1)
             await ack(client, self._stream_name, group, [msg_id])
             return None
         try:
             return decode_entry(msg_id, fields, stream=self._stream_name,
                                 delivery_count=deliveries, max_event_bytes=self._max_event_bytes)
         except MalformedEventError as exc:
+            get_observer().on_malformed(self._stream_name, group)
             await self._dead_letter(client, group, msg_id, fields, DLQ_REASON_MALFORMED,
                                     exc.reason, deliveries)
             return None
@@ -400,16 +408,19 @@ class AgentCoordinator:
                         continue
                     counts = {}
                 backoff.reset()
+                get_observer().on_delivered(self._stream_name, group, len(entries))
             except GroupNotFoundError:
-                logger.warning("group %r vanished from %r (stream deleted?); re-creating it",
-                               group, self._stream_name)
+                logger.warning("group %r vanished from %r (stream deleted?); re-creating it "
+                               "at the start of the stream", group, self._stream_name,
+                               extra=self._log_extra(group))
                 await self._recover_group(client, group)
                 pending_cursor = "0"
                 continue
             except ConnectionLostError as exc:
                 delay = backoff.next_delay()
+                get_observer().on_reconnect(self._stream_name, group)
                 logger.warning("subscribe lost its connection (%s); retrying in %.2fs", exc,
-                               delay, extra={"stream": self._stream_name, "group": group})
+                               delay, extra=self._log_extra(group))
                 await asyncio.sleep(delay)
                 pending_cursor = "0"  # a lost reply may have left entries pending for us
                 continue
@@ -458,11 +469,12 @@ class AgentCoordinator:
         for _attempt in range(5):
             try:
                 await ack(client, self._stream_name, group, [msg_id])
+                get_observer().on_acked(self._stream_name, group, 1)
                 return
             except ConnectionLostError:
                 await asyncio.sleep(backoff.next_delay())
         logger.warning("could not acknowledge %s; it stays pending and will be redelivered",
-                       msg_id, extra={"stream": self._stream_name, "group": group})
+                       msg_id, extra=self._log_extra(group, msg_id=msg_id))
 
     async def _recover_group(self, client: Redis, group: str) -> None:
         try:
@@ -532,7 +544,7 @@ class AgentCoordinator:
         except ConnectionLostError:
             raise
         except Exception as exc:  # the stream does not exist (yet): the reference's answer
-            logger.debug("get_stream_info: %s", exc)
+            logger.debug("get_stream_info: %s", exc, extra={"stream": self._stream_name})
             return {"length": 0, "groups": []}
         return {
             "length": int(info.get("length", 0)),
@@ -554,5 +566,6 @@ class AgentCoordinator:
                             force=force)
         if result.limited_by_groups:
             logger.info("trim of %r stopped at %s to keep unacknowledged entries",
-                        self._stream_name, result.floor_id)
+                        self._stream_name, result.floor_id,
+                        extra={"stream": self._stream_name, "floor_id": result.floor_id})
         return result.removed

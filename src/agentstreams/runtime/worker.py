@@ -98,7 +98,8 @@ async def _settle(tasks: Sequence[asyncio.Task[None]]) -> None:
         return
     _done, pending = await asyncio.wait(tasks, timeout=TASK_SETTLE_TIMEOUT_S)
     for task in pending:
-        logger.warning("background task %s did not stop in time", task.get_name())
+        logger.warning("background task %s did not stop in time", task.get_name(),
+                       extra={"task": task.get_name()})
         task.cancel()
 
 
