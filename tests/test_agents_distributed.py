@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from agents import Agent, RunConfig, Runner, set_tracing_disabled
+from agents import (
+    Agent,
+    RunConfig,
+    Runner,
+    TracingProcessor,
+    set_trace_processors,
+    set_tracing_disabled,
+)
 from agents.tool_context import ToolContext
+from agents.tracing import Span, Trace
 
 from agents_support.models import RuleModel
 from agents_support.scenario import TOPIC_PREFIX, local_agents, remote_agents, triage_rule
@@ -181,6 +189,54 @@ async def test_lifecycle_events_reach_the_shared_stream(deploy_valkey: Deploymen
     for hop in range(3):
         states = [s for h, s in lifecycle if h == hop]
         assert states == ["offered", "claimed", "completed"], (hop, lifecycle)
+
+
+class TraceCollector(TracingProcessor):
+    """Keeps traces in memory (replaces the SDK's exporter: nothing leaves the process)."""
+
+    def __init__(self) -> None:
+        self.traces: list[Trace] = []
+        self.spans: list[Span[Any]] = []
+
+    def on_trace_start(self, trace: Trace) -> None:
+        self.traces.append(trace)
+
+    def on_trace_end(self, trace: Trace) -> None:
+        pass
+
+    def on_span_start(self, span: Span[Any]) -> None:
+        pass
+
+    def on_span_end(self, span: Span[Any]) -> None:
+        self.spans.append(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self) -> None:
+        pass
+
+
+async def test_every_hop_joins_the_runs_sdk_trace(deploy_valkey: Deployment) -> None:
+    collector = TraceCollector()
+    set_trace_processors([collector])
+    set_tracing_disabled(False)
+    try:
+        await deploy_valkey.worker(list(remote_agents().values()))
+        client = await deploy_valkey.client()
+        await client.run("triage", PROMPT, session_id="s-trace", timeout_s=20)
+    finally:
+        set_tracing_disabled(True)
+        set_trace_processors([])
+    # three hops, three Runner.run calls: one trace id, grouped by the session
+    assert len(collector.traces) == 3
+    assert len({t.trace_id for t in collector.traces}) == 1
+    assert collector.traces[0].trace_id.startswith("trace_")
+    assert {t.export()["group_id"] for t in collector.traces  # type: ignore[index]
+            } == {"s-trace"}
+    agent_spans = {s.span_data.export().get("name") for s in collector.spans
+                   if s.span_data.type == "agent"}
+    assert {"triage", "research", "writer"} <= agent_spans
 
 
 # ------------------------------------------------------------------- addressed delivery

@@ -35,6 +35,7 @@ from agentstreams.events import EventType
 from agentstreams.integrations.openai_agents._errors import AgentRunError, AgentRunTimeoutError
 from agentstreams.integrations.openai_agents._status import RunStatus, StatusStore
 from agentstreams.integrations.openai_agents._wire import (
+    DEFAULT_EVENTS_MAXLEN,
     DEFAULT_NAMESPACE,
     DEFAULT_STATUS_TTL_S,
     FAILED,
@@ -47,7 +48,7 @@ from agentstreams.integrations.openai_agents._wire import (
     TaskEnvelope,
     new_run_id,
 )
-from agentstreams.runtime.publisher import Publisher
+from agentstreams.runtime.publisher import Publisher, StreamCap
 from agentstreams.runtime.streams import entries_from_read_reply
 
 __all__ = ["AgentClient", "AgentRunResult", "ClientStats"]
@@ -114,6 +115,7 @@ class AgentClient:
         client_id: str | None = None,
         status_ttl_s: float = DEFAULT_STATUS_TTL_S,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        events_maxlen: int | None = DEFAULT_EVENTS_MAXLEN,
     ) -> None:
         self.keys = Keys(namespace)
         self.client_id = client_id or uuid.uuid4().hex[:16]
@@ -125,6 +127,7 @@ class AgentClient:
             client_name=f"agentstreams:client:{self.client_id}")
         self._status_ttl_s = status_ttl_s
         self._max_event_bytes = max_event_bytes
+        self._events_cap = StreamCap(value=events_maxlen) if events_maxlen is not None else None
         self._client: Redis | None = None
         self._status: StatusStore | None = None
         self._pending: dict[str, asyncio.Future[RunReply]] = {}
@@ -242,10 +245,11 @@ class AgentClient:
                                    reply_to=self.reply_stream)
             await status.transition(run_id, 0, OFFERED, {"agent": agent, "from_agent": None})
             with contextlib.suppress(Exception):  # observers only; the hash is the record
-                await Publisher(client, self.keys.events).publish(EventType.STATE_CHANGED, {
-                    "session_id": session_id, "run_id": run_id, "hop": 0, "agent": agent,
-                    "changes": {"status": OFFERED, "hop": 0, "agent": agent},
-                    "timestamp": time.time()})
+                await Publisher(client, self.keys.events, cap=self._events_cap).publish(
+                    EventType.STATE_CHANGED, {
+                        "session_id": session_id, "run_id": run_id, "hop": 0, "agent": agent,
+                        "changes": {"status": OFFERED, "hop": 0, "agent": agent},
+                        "timestamp": time.time()})
             inbox = Publisher(client, self.keys.inbox(agent),
                               max_event_bytes=self._max_event_bytes)
             await inbox.publish(TASK_EVENT, task.to_fields(), idempotency_key=task.task_id)

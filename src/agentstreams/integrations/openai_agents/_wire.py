@@ -61,6 +61,8 @@ HopState = Literal["offered", "claimed", "completed", "failed"]
 #: How long run status and reply streams are kept after their last change.
 DEFAULT_STATUS_TTL_S: Final = 7 * 24 * 3600
 REPLY_STREAM_TTL_S: Final = 24 * 3600
+#: Approximate cap of the shared event stream (observers' view; tasks are never capped).
+DEFAULT_EVENTS_MAXLEN: Final = 100_000
 
 _USAGE_FIELDS: Final = ("requests", "input_tokens", "output_tokens", "total_tokens")
 

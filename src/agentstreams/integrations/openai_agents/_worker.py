@@ -61,6 +61,7 @@ from agentstreams.integrations.openai_agents._status import StatusStore
 from agentstreams.integrations.openai_agents._wire import (
     CLAIMED,
     COMPLETED,
+    DEFAULT_EVENTS_MAXLEN,
     DEFAULT_GROUP,
     DEFAULT_NAMESPACE,
     DEFAULT_STATUS_TTL_S,
@@ -78,7 +79,7 @@ from agentstreams.integrations.openai_agents._wire import (
     to_jsonable,
     usage_dict,
 )
-from agentstreams.runtime.publisher import Publisher
+from agentstreams.runtime.publisher import Publisher, StreamCap
 from agentstreams.runtime.worker import Worker
 
 __all__ = ["AgentWorker", "AgentWorkerStats"]
@@ -127,6 +128,8 @@ class AgentWorker:
         hooks: your own ``RunHooks``, called after the publishing ones.
         run_config: base ``RunConfig`` (``model`` must stay unset; trace ids are per run).
         max_turns: default turn limit of a hop (the caller may pass its own).
+        events_maxlen: approximate cap of the shared event stream (None: no cap). Inboxes are
+            never capped: trim them with ``AgentCoordinator.trim_stream`` (it keeps pending).
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class AgentWorker:
         status_ttl_s: float = DEFAULT_STATUS_TTL_S,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         shutdown_timeout_s: float = 30.0,
+        events_maxlen: int | None = DEFAULT_EVENTS_MAXLEN,
     ) -> None:
         if isinstance(agents, Agent) or not agents:
             raise InvalidArgumentError("agents must be a non-empty list of Agent objects")
@@ -173,6 +177,7 @@ class AgentWorker:
         self.max_turns = max_turns
         self.publish_timeout_s = publish_timeout_s
         self.max_event_bytes = max_event_bytes
+        self.events_cap = StreamCap(value=events_maxlen) if events_maxlen is not None else None
         self.stats = AgentWorkerStats()
         self._external = client
         self._settings = None if client is not None else ConnectionSettings(url=redis_url)
@@ -205,7 +210,8 @@ class AgentWorker:
                 self._client = create_client(self._settings)
             self._status = StatusStore(self._client, self.keys, self._status_ttl_s)
             self._events = AgentCoordinator(client=self._client, stream_name=self.keys.events,
-                                            max_event_bytes=self.max_event_bytes)
+                                            max_event_bytes=self.max_event_bytes,
+                                            cap=self.events_cap)
         await asyncio.gather(*(w.start() for w in self.workers.values()))
         logger.info("agent worker %s hosting %s", self.name, sorted(self.agents))
 
