@@ -134,7 +134,7 @@ async def ask(url: str, namespace: str, text: str) -> None:
         print(f"final output: {result.final_output}")
         print(f"last agent:   {result.last_agent}")
         for link in result.chain:
-            print(f"  hop {link.hop}: {link.agent:<8} on {link.worker.split('@')[0]:<8} "
+            print(f"  hop {link.hop}: {link.agent:<8} on {link.worker.split('@')[0]:<14}"
                   f"{link.duration_ms:7.1f} ms  {link.usage['total_tokens']} tokens"
                   + (f"  -> {link.handed_off_to}" if link.handed_off_to else ""))
         print(f"usage:        {dict(result.usage)}")
