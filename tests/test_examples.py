@@ -23,6 +23,8 @@ EXPECTED = {
                         "dead letters left: 0"],
     "idempotent_publish.py": ["same: True", "entries in the stream: 1"],
     "retention.py": ["safe trim to 10: removed 30, 70 left", "forced trim to 10: removed 60"],
+    "hooks_only.py": ["hook stats: {'published': 6, 'failed': 0, 'skipped': 0}", "tool_result"],
+    "distributed_agents.py": ["last agent:   writer", "status:       completed"],
 }
 
 
