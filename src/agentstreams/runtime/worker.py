@@ -87,6 +87,15 @@ RECONNECT_BASE_S = 0.05
 RECONNECT_CAP_S = 5.0
 
 
+#: With the default prefetch, while handlers are fast the worker may hold up to this much
+#: estimated queued work (seconds per concurrency slot) beyond the running handlers, up to
+#: ``read_count`` entries: cheap events then cost one read and one ack per batch, and a replica
+#: still never sits on more than a moment's work that another replica could have taken.
+PREFETCH_WORK_BUDGET_S = 0.05
+#: Weight of the newest handler duration in the running average that sizes the prefetch.
+HANDLER_TIME_EWMA = 0.05
+
+
 #: How long stop() waits for a cancelled background task before giving up on it. redis-py can
 #: turn a cancellation into a connection error; the loops then notice the stop flag instead.
 TASK_SETTLE_TIMEOUT_S = 5.0
@@ -101,6 +110,25 @@ async def _settle(tasks: Sequence[asyncio.Task[None]]) -> None:
         logger.warning("background task %s did not stop in time", task.get_name(),
                        extra={"task": task.get_name()})
         task.cancel()
+
+
+def _entries_fast(reply: Any) -> list[RawEntry] | None:
+    """The entries of a RESP2 XREADGROUP reply on one stream from a bytes client, without
+    copying their field dicts; None when the reply has another shape (use the general path)."""
+    if not reply:
+        return []
+    if type(reply) is not list or len(reply) != 1:
+        return None
+    out: list[RawEntry] = []
+    for msg_id, fields in reply[0][1]:
+        if type(msg_id) is not bytes or (fields and type(fields) is not dict):
+            return None
+        out.append((msg_id.decode(), fields or None))
+    if out and out[0][1] is not None:
+        first_key = next(iter(out[0][1]))  # a decode_responses client gives str: general path
+        if type(first_key) is not bytes:
+            return None
+    return out
 
 
 @dataclass(slots=True)
@@ -194,8 +222,13 @@ class Worker:
         self.visibility_timeout_ms = visibility_timeout_ms
         self.max_deliveries = max_deliveries
         self.block_ms = block_ms
-        #: entries held locally beyond the running ones; small keeps replicas load-balanced
+        #: entries held locally beyond the running ones; small keeps replicas load-balanced.
+        #: The default also widens (up to read_count) while handlers are fast; an explicit
+        #: prefetch is a hard bound.
         self.prefetch = prefetch if prefetch is not None else max(concurrency, 32)
+        self._adaptive_prefetch = prefetch is None
+        #: running average of handler durations (seconds), None until the first one
+        self._handler_avg_s: float | None = None
         if self.prefetch < 0 or read_count < 1:
             raise InvalidArgumentError("prefetch must be >= 0 and read_count >= 1")
         self.read_count = read_count
@@ -447,18 +480,35 @@ class Worker:
 
     # ---------------------------------------------------------------- reading
 
-    async def _wait_for_capacity(self) -> int:
-        while len(self._in_flight) >= self.max_in_flight:
+    def _in_flight_limit(self) -> int:
+        """How many entries may be held locally now: ``max_in_flight``, or more while the
+        default prefetch sees handlers fast enough (see PREFETCH_WORK_BUDGET_S)."""
+        average = self._handler_avg_s
+        if not self._adaptive_prefetch or average is None:
+            return self.max_in_flight
+        affordable = int(self.concurrency * PREFETCH_WORK_BUDGET_S / max(average, 1e-7))
+        return self.concurrency + max(self.prefetch, min(affordable, self.read_count))
+
+    async def _wait_for_capacity(self, batch: bool = False) -> int:
+        """Wait for room to hold more entries; return how many fit.
+
+        With ``batch`` (the read loop), wait until half the room is free, so that a full read
+        is not followed by a string of small ones while the batch is being worked off.
+        """
+        while True:
+            limit = self._in_flight_limit()
+            free = limit - len(self._in_flight)
+            if free >= (max(1, limit // 2) if batch else 1):
+                return free
             self._capacity.clear()
             await self._capacity.wait()
-        return self.max_in_flight - len(self._in_flight)
 
     async def _read_loop(self) -> None:
         backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
         pending_cursor: str | None = "0"
         while not self._stopping.is_set():
             try:
-                free = await self._wait_for_capacity()
+                free = await self._wait_for_capacity(batch=True)
                 count = min(free, self.read_count)
                 if pending_cursor is not None:
                     entries = await self._xreadgroup(pending_cursor, count, None)
@@ -503,7 +553,7 @@ class Worker:
             lambda: self.client.xreadgroup(self.group, self.consumer, {self.stream: start_id},
                                            count=count, block=block_ms),
             stream=self.stream, group=self.group)
-        return entries_from_read_reply(reply)
+        return _entries_fast(reply) or entries_from_read_reply(reply)
 
     async def _accept(self, entries: Sequence[RawEntry], counts: Mapping[str, int] | None, *,
                       retry: bool = False) -> None:
@@ -512,6 +562,7 @@ class Worker:
             self.stats.delivered += len(entries)
             self._obs().on_delivered(self.stream, self.group, len(entries))
         unhandled: list[str] = []
+        now = time.monotonic()
         for msg_id, fields in entries:
             if msg_id in self._in_flight:
                 continue  # already running here (re-read after a reconnect)
@@ -545,9 +596,10 @@ class Worker:
                 self._obs().on_unhandled(self.stream, self.group, event.type)
                 unhandled.append(msg_id)
                 continue
-            self._in_flight[msg_id] = _InFlight(event, time.monotonic())
-            self._drained.clear()
+            self._in_flight[msg_id] = _InFlight(event, now)
             self._queue.put_nowait(event)
+        if self._in_flight:
+            self._drained.clear()
         if unhandled:
             self._enqueue_acks(unhandled)
 
@@ -579,10 +631,17 @@ class Worker:
         except Exception as exc:
             error = exc
         duration = time.perf_counter() - started
-        self._obs().on_handler_done(self.stream, self.group, event.type, duration, error is None)
+        average = self._handler_avg_s
+        self._handler_avg_s = duration if average is None else (
+            average + HANDLER_TIME_EWMA * (duration - average))
+        observer = self._obs()
+        if type(observer) is not Observer:  # the base class does nothing: skip the call
+            observer.on_handler_done(self.stream, self.group, event.type, duration,
+                                     error is None)
         if error is None:
             self.stats.succeeded += 1
-            self._enqueue_acks([event.msg_id])
+            self._ack_pending.append(event.msg_id)
+            self._ack_wakeup.set()
             self._release(event.msg_id)
             return
         self.stats.failed += 1
