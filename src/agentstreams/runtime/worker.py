@@ -524,6 +524,9 @@ class Worker:
                     entries = await self._xreadgroup(">", count, self.block_ms)
                     if entries:
                         await self._accept(entries, None)
+                        # Let the runners start on these before the next read is written:
+                        # that write would otherwise sit between delivery and the handler.
+                        await asyncio.sleep(0)
                 backoff.reset()
             except GroupNotFoundError:
                 logger.warning("group %r is gone from %r (stream deleted?); re-creating it",
