@@ -1,21 +1,26 @@
-"""``agentstreams demo``: three agents in three processes hand tasks along a chain, live."""
+"""``agentstreams demo``: OpenAI Agents SDK agents in separate processes, a kill -9, live."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from agentstreams.cli.app import app
-from agentstreams.demo.display import JsonDisplay, RichDisplay
-from agentstreams.demo.runner import DemoConfig, DemoDisplay, run
 from agentstreams.errors import AgentStreamsError
 
 #: Exit code when the demo ran but something did not complete.
 EXIT_FAILED = 1
-#: Exit code when the demo could not run at all (bad options, no server).
+#: Exit code when the demo could not run at all (bad options, no server, no SDK, no key).
 EXIT_ERROR = 2
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"demo could not run: {message}", markup=False,
+                                              soft_wrap=True)
+    return typer.Exit(EXIT_ERROR)
 
 
 @app.command()
@@ -24,44 +29,59 @@ def demo(
         "--redis-url", envvar="REDIS_URL", show_envvar=True,
         help="Server to use. Default: start an embedded Valkey on a free port.")] = None,
     tasks: Annotated[int, typer.Option(
-        "--tasks", min=1, max=10_000, help="How many tasks to hand through the chain.")] = 3,
-    stream: Annotated[str | None, typer.Option(
-        "--stream", help="Stream name. Default: a fresh demo:<hex>, deleted afterwards "
-                         "on an external server unless --keep.")] = None,
+        "--tasks", min=1, max=10_000, help="How many sessions to send through the chain.")] = 3,
+    namespace: Annotated[str | None, typer.Option(
+        "--namespace", help="Key namespace. Default: a fresh demo-<hex>, deleted afterwards "
+                            "on a given server unless --keep.")] = None,
     keep: Annotated[bool, typer.Option(
-        "--keep", help="Keep the generated stream on an external server (to inspect it).")
-    ] = False,
+        "--keep", help="Keep the generated namespace's keys on a given server (to inspect "
+                       "them with agentstreams info/tail).")] = False,
+    kill: Annotated[bool, typer.Option(
+        "--kill/--no-kill", help="kill -9 a research worker inside its first search; the "
+                                 "other replica takes the hop over.")] = True,
+    live_model: Annotated[bool, typer.Option(
+        "--live-model", help="Use the SDK's default OpenAI model (needs OPENAI_API_KEY). "
+                             "Default: a scripted offline model, no network.")] = False,
     json_output: Annotated[bool, typer.Option(
         "--json", help="JSON lines: the header, one object per event, then the summary.")
     ] = False,
     plain: Annotated[bool, typer.Option(
-        "--plain", help="No colour or animation (for logs; automatic when not a terminal).")
-    ] = False,
+        "--plain", help="One line per event, no colour or live view (for logs; automatic "
+                        "when not a terminal).")] = False,
     pace: Annotated[float, typer.Option(
-        "--pace", min=0.0, help="Multiplier of the agents' simulated work time "
-                                "(0 = as fast as possible).")] = 1.0,
+        "--pace", min=0.0, help="Multiplier of the search tool's time (0.8 s).")] = 1.0,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=1.0, help="Seconds the whole run may take before it counts as failed.")
     ] = 60.0,
 ) -> None:
-    """Three agents in separate processes hand tasks along a chain, shown live.
+    """triage → research → writer: SDK agents in separate worker processes, shown live.
 
-    planner → researcher → writer: one OS process and one consumer group each.
+    Four processes (research twice) on a real server; one research worker is killed mid-run
+    and the other takes its hop over. Exit code 0 when every session completed exactly once
+    and nothing was lost, 1 when not, 2 when the demo could not run.
     """
     if json_output and plain:
         raise typer.BadParameter("choose one of --json and --plain")
+    if live_model and not os.environ.get("OPENAI_API_KEY"):
+        raise _fail("--live-model needs OPENAI_API_KEY in the environment (without "
+                    "--live-model the demo runs offline on a scripted model)")
     try:
-        config = DemoConfig(tasks=tasks, stream=stream, pace=pace, timeout_s=timeout, keep=keep)
+        from agentstreams.demo.display import make_display
+        from agentstreams.demo.runner import DemoConfig, run
+    except ImportError as exc:
+        raise _fail(f"{exc} (the demo needs the OpenAI Agents SDK: "
+                    "pip install 'agentstreams[cli,agents]')") from exc
+    try:
+        config = DemoConfig(tasks=tasks, namespace=namespace, pace=pace, timeout_s=timeout,
+                            keep=keep, kill=kill, live_model=live_model)
     except AgentStreamsError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    display: DemoDisplay = JsonDisplay() if json_output else RichDisplay(plain=plain)
+    display = make_display(json_output=json_output, plain=plain)
     try:
         summary = run(config, display, url=redis_url)
     except AgentStreamsError as exc:
         display.close()
-        Console(stderr=True, highlight=False).print(f"demo could not run: {exc}", markup=False,
-                                                  soft_wrap=True)
-        raise typer.Exit(EXIT_ERROR) from exc
+        raise _fail(str(exc)) from exc
     finally:
         display.close()
     if not summary.ok:

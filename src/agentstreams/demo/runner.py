@@ -1,8 +1,12 @@
-"""Orchestration of ``agentstreams demo``: server, agent processes, tasks, observer, shutdown.
+"""Orchestration of ``agentstreams demo``: server, worker processes, sessions, the kill, shutdown.
 
-The runner starts one OS process per role, waits until each announced itself, hands the tasks
-to the first role, and watches the stream through its own consumer group until every task is
-finished or the deadline passes. It never sleeps for a fixed time: it waits on conditions.
+The runner starts one OS process per worker (triage, two research replicas, writer: each an
+``AgentWorker``), waits until each announced itself on the shared event stream, then asks every
+session's question concurrently through an ``AgentClient``. It watches the event stream the
+whole time; once a research replica is inside its search tool, it ``kill -9``s that replica, and
+the other replica re-claims the abandoned hop after the visibility timeout. At the end it stops
+the workers (SIGTERM, then SIGKILL after a timeout) and reports. It never sleeps for a fixed
+time: every wait is on a condition, with a deadline.
 """
 
 from __future__ import annotations
@@ -14,46 +18,62 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from agentstreams.connection import ConnectionSettings, call, create_client
+from agentstreams.codec import decode_entry
+from agentstreams.connection import ConnectionSettings, Redis, call, create_client
+from agentstreams.constants import SOCKET_TIMEOUT_MARGIN_S
 from agentstreams.coordinator import AgentCoordinator
-from agentstreams.demo.agent import IDEMPOTENCY_WINDOW_S, STOP_EVENT, URL_ENV
-from agentstreams.demo.roles import CHAIN, FIRST_ROLE, task_context
-from agentstreams.demo.timeline import DemoSummary, RunTracker, TimelineEntry, session_id_for
-from agentstreams.errors import AgentStreamsError, InvalidArgumentError
-from agentstreams.runtime.streams import side_key
+from agentstreams.demo.team import AGENT_NAMES, SEARCH_S, prompt_for
+from agentstreams.demo.timeline import KILLED_EVENT, DemoSummary, DemoTracker, TimelineEntry
+from agentstreams.demo.worker import TOOL_STARTED_EVENT, URL_ENV
+from agentstreams.errors import AgentStreamsError, InvalidArgumentError, MalformedEventError
+from agentstreams.events import Event
+from agentstreams.integrations.openai_agents import (
+    AgentClient,
+    AgentRunError,
+    AgentRunTimeoutError,
+    Keys,
+)
+from agentstreams.runtime.streams import dlq_key, entries_from_read_reply
 from agentstreams.server import LocalServer
 
 __all__ = [
-    "OBSERVER_GROUP",
+    "VISIBILITY_TIMEOUT_MS",
+    "WORKERS",
     "DemoConfig",
     "DemoDisplay",
-    "new_stream_name",
+    "new_namespace",
     "redact",
     "run",
     "run_demo",
 ]
 
-#: The consumer group the runner watches the stream through.
-OBSERVER_GROUP = "demo-observer"
-#: How long agents get to exit after the stop event before they are terminated (they finish
-#: the hand-off in hand first).
-AGENT_STOP_TIMEOUT_S = 10.0
-#: The same after a failed run: an agent may be stuck, so do not wait long.
-AGENT_STOP_AFTER_FAILURE_S = 2.0
-#: Block time of one observer read (the loop is cancelled from outside at the deadline).
-OBSERVER_BLOCK_MS = 500
-#: Lines of an agent's stderr shown when it failed.
-AGENT_LOG_TAIL_LINES = 15
+#: The worker processes: name -> the agent it hosts. Two research replicas share that inbox,
+#: so the one left standing can take over what the killed one held.
+WORKERS: dict[str, str] = {"triage-1": "triage", "research-1": "research",
+                           "research-2": "research", "writer-1": "writer"}
+#: The agent whose replica is killed.
+KILL_AGENT = "research"
+#: A hop held this long by a dead worker goes to another replica (short, so recovery shows).
+VISIBILITY_TIMEOUT_MS = 1000
+#: Block time of one read of the event stream (bounds how long a stop takes to be noticed).
+FEED_BLOCK_MS = 200
+#: Workers get this long to exit after SIGTERM before they are killed.
+WORKER_STOP_TIMEOUT_S = 10.0
+#: After the last answer, how long to wait for the runs' final events to reach the log.
+FINAL_EVENTS_WAIT_S = 5.0
+#: Lines of a worker's stderr shown when it failed.
+WORKER_LOG_TAIL_LINES = 15
 
 
-def new_stream_name() -> str:
-    """A fresh stream name for one demo run."""
-    return f"demo:{uuid.uuid4().hex[:10]}"
+def new_namespace() -> str:
+    """A fresh key namespace for one demo run (repeated runs never mix)."""
+    return f"demo-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +81,19 @@ class DemoConfig:
     """What to run; rejects impossible values when built."""
 
     tasks: int = 3
-    stream: str | None = None
-    #: Multiplier of the agents' simulated work time (0 = no simulated work).
+    #: Key namespace; None = a fresh ``demo-<hex>`` (deleted afterwards on a given server).
+    namespace: str | None = None
+    #: Multiplier of the search tool's time (0 = instant; the kill then may find no hop).
     pace: float = 1.0
-    #: Deadline for the whole run, agent start-up included.
+    #: Deadline for the whole run, worker start-up included.
     timeout_s: float = 60.0
-    #: Keep a generated stream afterwards (a named stream is always kept).
+    #: Keep the generated namespace's keys on a given server afterwards.
     keep: bool = False
+    #: ``kill -9`` a research replica inside its first search.
+    kill: bool = True
+    #: The SDK's default OpenAI model instead of the scripted one (needs OPENAI_API_KEY).
+    live_model: bool = False
+    visibility_ms: int = VISIBILITY_TIMEOUT_MS
 
     def __post_init__(self) -> None:
         if not isinstance(self.tasks, int) or not 1 <= self.tasks <= 10_000:
@@ -76,13 +102,18 @@ class DemoConfig:
             raise InvalidArgumentError(f"pace must be >= 0, got {self.pace!r}")
         if self.timeout_s <= 0:
             raise InvalidArgumentError(f"timeout_s must be positive, got {self.timeout_s!r}")
+        if self.namespace is not None:
+            Keys(self.namespace)  # validates it
+        if self.visibility_ms < 100:
+            raise InvalidArgumentError("visibility_ms must be >= 100")
 
 
 class DemoDisplay(Protocol):
     """Where the run is shown: a header, timeline rows, progress notes and the summary."""
 
-    def header(self, info: dict[str, Any]) -> None:
-        """The run is about to start (stream, server, tasks, chain)."""
+    def header(self, info: dict[str, Any], tracker: DemoTracker) -> None:
+        """The run is about to start (server, namespace, model, workers); ``tracker`` holds
+        the live state of sessions and workers."""
 
     def event(self, entry: TimelineEntry) -> None:
         """One observed event."""
@@ -90,8 +121,8 @@ class DemoDisplay(Protocol):
     def progress(self, text: str) -> None:
         """What the run is waiting for now (may be ignored)."""
 
-    def summary(self, summary: DemoSummary, agent_logs: dict[str, str]) -> None:
-        """The closing numbers; ``agent_logs`` holds the stderr tail of agents that failed."""
+    def summary(self, summary: DemoSummary, worker_logs: dict[str, str]) -> None:
+        """The closing numbers; ``worker_logs`` holds the stderr tail of failed workers."""
 
     def close(self) -> None:
         """Release the terminal (stop any animation); called even after an error."""
@@ -107,86 +138,225 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def model_label(live_model: bool) -> str:
+    """What the agents think with, for the header and summary."""
+    if not live_model:
+        return "scripted offline model (no network, no API key)"
+    from agents.models import get_default_model
+
+    return f"OpenAI {get_default_model()} (live, OPENAI_API_KEY)"
+
+
 @dataclass(slots=True)
-class _Agent:
-    role: str
+class _Worker:
+    name: str
+    agent: str
     process: asyncio.subprocess.Process
     log_path: Path
+    exited: asyncio.Task[int]
 
 
-async def _start_agents(url: str, stream: str, run_id: str, pace: float,
-                        log_dir: Path) -> list[_Agent]:
+async def _start_workers(url: str, namespace: str, config: DemoConfig, log_dir: Path,
+                         on_exit: Callable[[], None]) -> dict[str, _Worker]:
     env = {**os.environ, URL_ENV: url}
-    agents: list[_Agent] = []
-    for role in CHAIN:
-        log_path = log_dir / f"{role.name}.log"
+    if not config.live_model:
+        env["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
+    workers: dict[str, _Worker] = {}
+    for name, agent in WORKERS.items():
+        log_path = log_dir / f"{name}.log"
+        args = [sys.executable, "-m", "agentstreams.demo.worker", "--namespace", namespace,
+                "--agent", agent, "--name", name, "--visibility-ms", str(config.visibility_ms),
+                "--search-s", repr(SEARCH_S * config.pace)]
+        if config.live_model:
+            args.append("--live-model")
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentstreams.demo.agent", "--stream", stream,
-                "--role", role.name, "--run-id", run_id, "--pace", repr(pace),
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=log)
-        agents.append(_Agent(role.name, process, log_path))
-    return agents
+                *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=log)
+        exited = asyncio.create_task(process.wait(), name=f"demo-exit-{name}")
+        exited.add_done_callback(lambda _task: on_exit())
+        workers[name] = _Worker(name, agent, process, log_path, exited)
+    return workers
 
 
-async def _first_exit(agents: list[_Agent]) -> _Agent:
-    """Returns the first agent process that exits (they should only exit when told)."""
-    waits = {asyncio.ensure_future(agent.process.wait()): agent for agent in agents}
-    try:
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        return waits[next(iter(done))]
-    finally:
-        for task in waits:
-            task.cancel()
+class _EventFeed:
+    """Reads the shared event stream from a given id on (plain XREAD: observing takes nothing
+    from anyone and needs no group)."""
+
+    def __init__(self, url: str, stream: str) -> None:
+        self.stream = stream
+        self.client: Redis = create_client(ConnectionSettings(
+            url=url, socket_timeout_s=FEED_BLOCK_MS / 1000 + SOCKET_TIMEOUT_MARGIN_S,
+            client_name="agentstreams:demo-observer"))
+        self.last_id = "0-0"
+
+    async def start_here(self) -> None:
+        """Skip what the stream already holds (a reused namespace's old events)."""
+        rows: Any = await call(lambda: self.client.xrevrange(self.stream, count=1),
+                               stream=self.stream)
+        if rows:
+            raw = rows[0][0]
+            self.last_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def read(self, block_ms: int | None) -> list[Event]:
+        """The next events (waits up to ``block_ms`` for one; None = do not wait)."""
+        reply: Any = await call(lambda: self.client.xread(
+            {self.stream: self.last_id}, count=200, block=block_ms), stream=self.stream)
+        events: list[Event] = []
+        for msg_id, fields in entries_from_read_reply(reply):
+            self.last_id = msg_id
+            if fields is None:
+                continue
+            with contextlib.suppress(MalformedEventError):
+                events.append(decode_entry(msg_id, fields, stream=self.stream))
+        return events
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self.client.aclose()
 
 
-async def _observe(observer: AgentCoordinator, tracker: RunTracker, tasks: int,
-                   display: DemoDisplay) -> None:
-    """Render every event of the run; publish the tasks once all agents are ready; return
-    when every task is finished."""
-    display.progress(f"waiting for {len(CHAIN)} agents to start")
-    events = observer.subscribe(timeout_ms=OBSERVER_BLOCK_MS)
-    try:
-        async for event in events:
-            entry = tracker.record(event, time.time())
-            if entry is not None:
-                display.event(entry)
-            if tracker.tasks_published_at is None and tracker.all_ready:
-                for index in range(1, tasks + 1):
-                    session_id = session_id_for(tracker.run_id, index)
-                    await observer.publish_handoff_ready(
-                        "user", FIRST_ROLE, session_id, task_context(index),
-                        idempotency_key=f"{session_id}:user:handoff")
-                tracker.tasks_published(time.time())
-            if tracker.tasks_published_at is not None:
-                display.progress(f"{tracker.completed}/{tasks} tasks completed")
-            if tracker.done:
-                await observer.ack(event["_msg_id"])  # leaving the loop skips its ack
+class _Scene:
+    """One run in progress: the workers, the observer, the sessions, the kill."""
+
+    def __init__(self, url: str, keys: Keys, config: DemoConfig, tracker: DemoTracker,
+                 display: DemoDisplay, announcer: AgentCoordinator) -> None:
+        self.url = url
+        self.keys = keys
+        self.config = config
+        self.tracker = tracker
+        self.display = display
+        self.announcer = announcer
+        self.workers: dict[str, _Worker] = {}
+        self.victim: str | None = None
+        self.stopping = False
+        self.changed = asyncio.Event()
+        self._stop_observing = False
+
+    # ---------------------------------------------------------------- observing
+
+    async def observe(self, feed: _EventFeed) -> None:
+        """Render every event until told to stop, then drain what is left."""
+        while True:
+            final = self._stop_observing
+            for event in await feed.read(None if final else FEED_BLOCK_MS):
+                entry = self.tracker.record(event, time.time())
+                if entry is not None:
+                    self.display.event(entry)
+                if event.type == TOOL_STARTED_EVENT:
+                    await self._maybe_kill(event)
+            self.changed.set()
+            if final:
                 return
-    finally:
-        await events.aclose()
 
+    async def finish_observing(self, task: asyncio.Task[None]) -> None:
+        """Let the observer read what is left, then end it."""
+        self._stop_observing = True
+        done, _ = await asyncio.wait([task], timeout=FEED_BLOCK_MS / 1000 * 10)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
-async def _stop_agents(agents: list[_Agent], grace_s: float) -> dict[str, int | None]:
-    """Wait up to ``grace_s`` for the agents to exit after the stop event; terminate, then
-    kill, stragglers (their exit code is reported as None)."""
-    async def stop(agent: _Agent) -> int | None:
-        process = agent.process
-        with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(process.wait(), grace_s)
+    async def _maybe_kill(self, event: Event) -> None:
+        """``kill -9`` the first research replica seen inside its search tool."""
+        name = str(event.get("worker") or "")
+        worker = self.workers.get(name)
+        if (not self.config.kill or self.victim is not None or worker is None
+                or worker.agent != KILL_AGENT or worker.process.returncode is not None):
+            return
+        self.victim = name
         with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), AGENT_STOP_TIMEOUT_S)
-            return None  # it had to be terminated: not a clean exit
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
+            worker.process.kill()  # SIGKILL: no cleanup, no ack, nothing
+        killed_at = time.time()
+        held = [s.label for s in self.tracker.held_by(name)]
+        with contextlib.suppress(AgentStreamsError):
+            await self.announcer.publish(KILLED_EVENT, {
+                "worker": name, "pid": worker.process.pid, "held": held,
+                "timestamp": killed_at})
+
+    # ---------------------------------------------------------------- waiting
+
+    def trouble(self) -> str | None:
+        """A worker that died on its own, while it should be running."""
+        if self.stopping:
+            return None
+        for worker in self.workers.values():
+            if worker.exited.done() and worker.name != self.victim:
+                return f"worker {worker.name} exited early with code {worker.exited.result()}"
         return None
 
-    codes = await asyncio.gather(*(stop(agent) for agent in agents))
-    return {agent.role: code for agent, code in zip(agents, codes, strict=True)}
+    async def until(self, predicate: Callable[[], bool], deadline: float,
+                    observer: asyncio.Task[None]) -> str | None:
+        """Wait for ``predicate``; returns why it failed ("timeout", a dead worker...)."""
+        while True:
+            self.changed.clear()
+            if predicate():
+                return None
+            if observer.done():
+                observer.result()  # a dead server or a bug: let it surface
+                return "the observer stopped"
+            problem = self.trouble()
+            if problem is not None:
+                return problem
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    # ---------------------------------------------------------------- sessions
+
+    async def run_sessions(self, client: AgentClient, deadline: float) -> None:
+        """Ask every session's question at once; record each result as it comes."""
+        async def one(session_id: str, prompt: str) -> None:
+            self.tracker.submitted(session_id, time.time())
+            timeout_s = max(0.1, deadline - time.monotonic())
+            try:
+                result = await client.run("triage", prompt, session_id=session_id,
+                                          timeout_s=timeout_s)
+            except AgentRunError as exc:
+                self.tracker.answered(session_id, time.time(),
+                                      error=f"{exc.agent}: {exc.error_type}: "
+                                            f"{exc.error_message}")
+            except AgentRunTimeoutError:
+                pass  # no answer: counted as lost
+            else:
+                self.tracker.answered(session_id, time.time(), answer=str(result.final_output))
+                summary = self.tracker.summary
+                summary.handoffs += max(0, len(result.chain) - 1)
+                summary.tokens += int(result.usage.get("total_tokens", 0))
+            finally:
+                self.changed.set()
+
+        await asyncio.gather(*(one(s.session_id, s.prompt)
+                               for s in self.tracker.sessions.values()))
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def stop_workers(self) -> dict[str, str]:
+        """SIGTERM every worker still running; SIGKILL the ones that outlive the timeout."""
+        self.stopping = True
+
+        async def stop(worker: _Worker) -> str:
+            process = worker.process
+            if worker.name == self.victim:
+                await worker.exited
+                return "killed (-9)"
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+            try:
+                code = await asyncio.wait_for(asyncio.shield(worker.exited),
+                                              WORKER_STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await worker.exited
+                return "did not stop (killed)"
+            return "ok" if code == 0 else f"exit {code}"
+
+        codes = await asyncio.gather(*(stop(w) for w in self.workers.values()))
+        return dict(zip(self.workers, codes, strict=True))
 
 
 async def _server_label(url: str, embedded: bool) -> str:
@@ -202,17 +372,34 @@ async def _server_label(url: str, embedded: bool) -> str:
     return f"{name}{' (embedded)' if embedded else ''} at {redact(url)}"
 
 
-async def _delete_stream(url: str, stream: str) -> None:
-    """Remove the stream and its side keys (dead letters, idempotency keys)."""
+async def _dead_letters(url: str, keys: Keys) -> int:
+    client = create_client(ConnectionSettings(url=url))
+    try:
+        async def count() -> int:
+            return sum([int(await client.xlen(dlq_key(keys.inbox(agent))))
+                        for agent in AGENT_NAMES])
+
+        return await call(count)
+    finally:
+        await client.aclose()
+
+
+async def _delete_namespace(url: str, namespace: str) -> None:
+    """Remove every key of the namespace, hash-tagged side keys (``{ns:…}:…``) included."""
     client = create_client(ConnectionSettings(url=url))
     try:
         async def delete() -> None:
-            keys: list[Any] = [stream]
-            async for key in client.scan_iter(match=side_key(stream, "*"), count=1000):
-                keys.append(key)
-            await client.delete(*keys)
+            for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
+                batch: list[Any] = []
+                async for key in client.scan_iter(match=pattern, count=1000):
+                    batch.append(key)
+                    if len(batch) >= 500:
+                        await client.delete(*batch)
+                        batch.clear()
+                if batch:
+                    await client.delete(*batch)
 
-        await call(delete, stream=stream)
+        await call(delete)
     finally:
         await client.aclose()
 
@@ -222,83 +409,105 @@ def _log_tail(path: Path) -> str:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    return "\n".join(lines[-AGENT_LOG_TAIL_LINES:])
+    return "\n".join(lines[-WORKER_LOG_TAIL_LINES:])
 
 
 async def run_demo(url: str, config: DemoConfig, display: DemoDisplay, *,
                    embedded: bool = False) -> DemoSummary:
     """Run the demo against the server at ``url`` and return its summary (never raises for a
     run that merely failed: the summary says what went wrong)."""
-    stream = config.stream or new_stream_name()
-    run_id = uuid.uuid4().hex[:6]
-    started_at = time.time()
+    if not config.live_model:
+        from agents import set_tracing_disabled
+
+        set_tracing_disabled(True)
+    namespace = config.namespace or new_namespace()
+    keys = Keys(namespace)
     server = await _server_label(url, embedded)
-    tracker = RunTracker(run_id, stream, server, config.tasks,
-                         tuple(role.name for role in CHAIN), started_at)
-    summary = tracker.summary
-    display.header({"stream": stream, "server": server, "tasks": config.tasks,
-                    "run_id": run_id, "chain": [role.name for role in CHAIN],
-                    "roles": {role.name: role.description for role in CHAIN}})
-    observer = AgentCoordinator(url, stream, consumer_group=OBSERVER_GROUP,
-                                consumer_name=f"observer-{os.getpid()}",
-                                idempotency_window_s=IDEMPOTENCY_WINDOW_S)
-    agent_logs: dict[str, str] = {}
-    agents: list[_Agent] = []
-    with tempfile.TemporaryDirectory(prefix="agentstreams-demo-") as log_dir:
-        try:
-            async with observer:  # creates the observer group before anything is published
-                agents = await _start_agents(url, stream, run_id, config.pace, Path(log_dir))
-                summary.failure = await _supervise(observer, tracker, agents, config, display)
-                display.progress("stopping the agents")
-                grace_s = AGENT_STOP_TIMEOUT_S if summary.failure is None \
-                    else AGENT_STOP_AFTER_FAILURE_S
+    model = model_label(config.live_model)
+    summary = DemoSummary(namespace=namespace, server=server, model=model)
+    run_tag = uuid.uuid4().hex[:6]
+    sessions = {f"s{i}-{run_tag}": prompt_for(i) for i in range(1, config.tasks + 1)}
+    tracker = DemoTracker(summary, sessions, WORKERS, time.time())
+    recovery = (f"visibility timeout {config.visibility_ms / 1000:g} s; kill -9 of a "
+                f"{KILL_AGENT} replica inside its first search" if config.kill
+                else f"visibility timeout {config.visibility_ms / 1000:g} s; no kill (--no-kill)")
+    display.header({"server": server, "namespace": namespace, "model": model,
+                    "recovery": recovery, "sessions": config.tasks, "chain": list(AGENT_NAMES),
+                    "workers": dict(WORKERS), "events": keys.events}, tracker)
+    deadline = time.monotonic() + config.timeout_s
+    worker_logs: dict[str, str] = {}
+    feed = _EventFeed(url, keys.events)
+    scene: _Scene | None = None
+    try:
+        await feed.start_here()
+        async with AgentCoordinator(url, keys.events) as announcer, \
+                AgentClient(url, namespace=namespace) as client:
+            scene = _Scene(url, keys, config, tracker, display, announcer)
+            observer = asyncio.create_task(scene.observe(feed), name="demo-observer")
+            with tempfile.TemporaryDirectory(prefix="agentstreams-demo-") as log_dir:
                 try:
-                    await observer.publish(STOP_EVENT, {"run_id": run_id,
-                                                        "timestamp": time.time()})
-                except AgentStreamsError as exc:  # the agents cannot hear it: do not wait long
-                    summary.failure = summary.failure or f"could not publish the stop: {exc}"
-                    grace_s = AGENT_STOP_AFTER_FAILURE_S
-                summary.agent_exit_codes = await _stop_agents(agents, grace_s)
-                with contextlib.suppress(AgentStreamsError):
-                    summary.dead_letters = await observer.dead_letters.length()
-        finally:
-            for agent in agents:  # only after an exception: _stop_agents already reaped them
-                if agent.process.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        agent.process.kill()
-                    await agent.process.wait()
-            if not embedded and config.stream is None and not config.keep:
-                with contextlib.suppress(AgentStreamsError):
-                    await _delete_stream(url, stream)
-        for agent in agents:
-            tail = _log_tail(agent.log_path)
-            if tail and summary.agent_exit_codes.get(agent.role) != 0:
-                agent_logs[agent.role] = tail
-    display.summary(summary, agent_logs)
+                    display.progress(f"starting {len(WORKERS)} worker processes")
+                    scene.workers = await _start_workers(url, namespace, config, Path(log_dir),
+                                                         scene.changed.set)
+                    summary.failure = await _play(scene, client, deadline, observer)
+                    if summary.failure is None:
+                        # The answers are in; let the log catch up with the final events.
+                        await scene.until(lambda: tracker.all_final_seen,
+                                          min(deadline, time.monotonic() + FINAL_EVENTS_WAIT_S),
+                                          observer)
+                    summary.duplicates += client.stats.late_or_duplicate_replies
+                    display.progress("stopping the workers (SIGTERM)")
+                    summary.worker_exits = await scene.stop_workers()
+                finally:
+                    for worker in scene.workers.values():  # after an exception only
+                        if worker.process.returncode is None:
+                            with contextlib.suppress(ProcessLookupError):
+                                worker.process.kill()
+                            await worker.exited
+                    await scene.finish_observing(observer)
+                for name, worker in scene.workers.items():
+                    tail = _log_tail(worker.log_path)
+                    if tail and summary.worker_exits.get(name) not in ("ok", "killed (-9)"):
+                        worker_logs[name] = tail
+        with contextlib.suppress(AgentStreamsError):
+            summary.dead_letters = await _dead_letters(url, keys)
+    finally:
+        await feed.aclose()
+        if not embedded and config.namespace is None and not config.keep:
+            with contextlib.suppress(AgentStreamsError):
+                await _delete_namespace(url, namespace)
+    display.summary(summary, worker_logs)
     return summary
 
 
-async def _supervise(observer: AgentCoordinator, tracker: RunTracker, agents: list[_Agent],
-                     config: DemoConfig, display: DemoDisplay) -> str | None:
-    """Observe until done, an agent dies or the deadline passes; returns what failed."""
-    observing = asyncio.create_task(_observe(observer, tracker, config.tasks, display))
-    watching = asyncio.create_task(_first_exit(agents))
-    done, pending = await asyncio.wait({observing, watching}, timeout=config.timeout_s,
-                                       return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    if observing in done:
-        observing.result()  # an exception here is a bug or a dead server: let it surface
-        return None
-    if watching in done:
-        agent = watching.result()
-        return f"agent {agent.role} exited early with code {agent.process.returncode}"
-    if not tracker.all_ready:
-        missing = [name for name in tracker.agents if name not in tracker.ready]
-        return f"timed out after {config.timeout_s:g}s waiting for agents {', '.join(missing)}"
-    return (f"timed out after {config.timeout_s:g}s with {tracker.completed} of "
-            f"{config.tasks} tasks completed")
+async def _play(scene: _Scene, client: AgentClient, deadline: float,
+                observer: asyncio.Task[None]) -> str | None:
+    """Workers ready, then every session answered; returns what failed (None: all answered)."""
+    tracker, config = scene.tracker, scene.config
+    problem = await scene.until(lambda: tracker.all_ready, deadline, observer)
+    if problem is not None:
+        if problem == "timeout":
+            missing = [w.name for w in tracker.workers.values() if w.state == "starting"]
+            return f"timed out after {config.timeout_s:g}s waiting for workers " \
+                   f"{', '.join(missing)}"
+        return problem
+    scene.display.progress(f"{config.tasks} sessions running")
+    sessions = asyncio.create_task(scene.run_sessions(client, deadline), name="demo-sessions")
+    sessions.add_done_callback(lambda _task: scene.changed.set())
+    try:
+        problem = await scene.until(sessions.done, deadline, observer)
+    finally:
+        if not sessions.done():
+            sessions.cancel()
+        await asyncio.gather(sessions, return_exceptions=True)
+    error = sessions.exception() if sessions.done() and not sessions.cancelled() else None
+    if error is not None:
+        raise error
+    if problem == "timeout":
+        answered = sum(1 for s in tracker.sessions.values() if s.answers)
+        return f"timed out after {config.timeout_s:g}s with {answered} of {config.tasks} " \
+               "sessions answered"
+    return problem
 
 
 def run(config: DemoConfig, display: DemoDisplay, url: str | None = None) -> DemoSummary:

@@ -1,27 +1,40 @@
-"""What the demo's observer makes of the events it sees: timeline rows and the closing numbers.
+"""What the demo makes of the events it observes: timeline rows, per-session state, the summary.
 
 Pure bookkeeping (no Redis, no terminal), so the runner and every display share one truth.
+The input is the shared event stream of the agents (``<namespace>:events``): lifecycle events
+from ``AgentWorker``/``CoordinatorHooks``, ``state_changed`` hop transitions, and the demo's own
+worker announcements; the caller's view (results of ``AgentClient.run``) is added by the runner.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentstreams.demo.agent import READY_EVENT, STOP_EVENT
+from agentstreams.demo.worker import READY_EVENT, STOPPED_EVENT, TOOL_STARTED_EVENT
 from agentstreams.events import EventType
 
-__all__ = ["DemoSummary", "RunTracker", "TimelineEntry", "percentile", "session_id_for"]
+__all__ = [
+    "KILLED_EVENT",
+    "DemoSummary",
+    "DemoTracker",
+    "KillReport",
+    "SessionView",
+    "TimelineEntry",
+    "WorkerView",
+    "percentile",
+]
 
+#: Published by the runner right after it killed a worker (what it held, when).
+KILLED_EVENT = "demo_worker_killed"
 #: Longest detail text shown on one timeline row.
-DETAIL_CHARS = 64
-
-
-def session_id_for(run_id: str, index: int) -> str:
-    """Session id of demo task ``index``: unique per run, so a reused stream cannot confuse us."""
-    return f"task-{index}-{run_id}"
+DETAIL_CHARS = 72
+#: Session states that mean a worker is holding the session's current hop.
+_HELD = ("claimed", "searching")
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -44,66 +57,181 @@ def _number(value: object) -> float | None:
     return None
 
 
+def _tool_result(result: object) -> str:
+    """A search result as "3 notes: first note"; anything else as it is."""
+    try:
+        data = json.loads(result) if isinstance(result, str) else result
+    except ValueError:
+        return str(result)
+    notes = data.get("notes") if isinstance(data, Mapping) else None
+    if isinstance(notes, list) and notes:
+        return f"{len(notes)} notes: {notes[0]}; …"
+    return str(result)
+
+
+def _int(value: object, default: int = 0) -> int:
+    number = _number(value)
+    return int(number) if number is not None else default
+
+
 @dataclass(frozen=True, slots=True)
 class TimelineEntry:
-    """One row of the live timeline."""
+    """One row of the event log."""
 
     offset_s: float
+    #: short session label (``s1``), "" for worker-level rows
     session: str
-    type: str
-    actor: str
+    #: what happened, as shown (``hop claimed``, ``tool_result``, ``KILL -9`` ...)
+    kind: str
+    agent: str
+    worker: str
     detail: str
+    #: the event's type on the stream
+    type: str
+    #: styling hint for the terminal: "", "handoff", "kill", "recovery", "done", "error"
+    tone: str = ""
     session_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for ``--json``)."""
         return {"t": round(self.offset_s, 4), "session": self.session_id or None,
-                "type": self.type, "actor": self.actor, "detail": self.detail}
+                "type": self.type, "kind": self.kind, "agent": self.agent or None,
+                "worker": self.worker or None, "detail": self.detail}
+
+
+@dataclass(slots=True)
+class WorkerView:
+    """One worker process as the demo sees it."""
+
+    name: str
+    agent: str
+    pid: int | None = None
+    #: starting, ready, killed, stopped
+    state: str = "starting"
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SessionView:
+    """Where one session stands (from events, then from the caller's result)."""
+
+    session_id: str
+    label: str
+    prompt: str
+    #: waiting, offered, claimed, searching, orphaned, completed, failed
+    status: str = "waiting"
+    hop: int = -1
+    agent: str = ""
+    worker: str = ""
+    delivery: int = 0
+    #: (agent, worker, delivery count) of each hop's latest claim
+    hops: dict[int, tuple[str, str, int]] = field(default_factory=dict)
+    submitted_at: float | None = None
+    answered_at: float | None = None
+    #: results the caller received for this session (exactly 1 is right)
+    answers: int = 0
+    answer: str | None = None
+    error: str | None = None
+    #: the run's final ``state_changed`` was observed
+    final_seen: bool = False
+
+    @property
+    def chain(self) -> str:
+        """The worker of each hop: ``triage-1 → research-2 (delivery 2) → writer-1``."""
+        parts = []
+        for hop in sorted(self.hops):
+            _agent, worker, delivery = self.hops[hop]
+            parts.append(worker + (f" (delivery {delivery})" if delivery > 1 else ""))
+        return " → ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"session": self.session_id, "label": self.label, "status": self.status,
+                "answers": self.answers, "hops": [
+                    {"hop": hop, "agent": a, "worker": w, "delivery_count": d}
+                    for hop, (a, w, d) in sorted(self.hops.items())],
+                "answer": self.answer, "error": self.error}
+
+
+@dataclass(slots=True)
+class KillReport:
+    """The kill scene: who died, what it held, who took it over, how fast."""
+
+    worker: str
+    pid: int
+    at: float
+    #: labels of the sessions whose hop the victim held
+    held: list[str] = field(default_factory=list)
+    reclaimed_by: str | None = None
+    #: kill -> first re-claim of a held hop by another worker
+    recovery_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"worker": self.worker, "pid": self.pid, "held": self.held,
+                "reclaimed_by": self.reclaimed_by,
+                "recovery_s": None if self.recovery_s is None else round(self.recovery_s, 3)}
 
 
 @dataclass(slots=True)
 class DemoSummary:
     """The closing numbers of one demo run."""
 
-    stream: str
+    namespace: str
     server: str
+    model: str
     sessions_started: int = 0
     sessions_completed: int = 0
-    events_by_type: dict[str, int] = field(default_factory=dict)
-    handoffs: int = 0
+    sessions_failed: int = 0
+    #: results the caller received beyond the first per session (must be 0)
     duplicates: int = 0
-    tokens_used: int = 0
-    wall_s: float | None = None
-    delivery_ms: list[float] = field(default_factory=list)
-    pickup_ms: list[float] = field(default_factory=list)
-    session_ms: list[float] = field(default_factory=list)
+    handoffs: int = 0
+    #: hops claimed with a delivery count above 1 (re-runs after the kill)
+    redeliveries: int = 0
+    events_by_type: dict[str, int] = field(default_factory=dict)
+    kill: KillReport | None = None
     dead_letters: int | None = None
-    agent_exit_codes: dict[str, int | None] = field(default_factory=dict)
+    wall_s: float | None = None
+    handoff_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    worker_exits: dict[str, str] = field(default_factory=dict)
+    sessions: list[SessionView] = field(default_factory=list)
     failure: str | None = None
 
     @property
     def lost(self) -> int:
-        """Sessions started but never completed."""
-        return self.sessions_started - self.sessions_completed
+        """Sessions submitted that never got a result (neither an answer nor an error)."""
+        return self.sessions_started - self.sessions_completed - self.sessions_failed
+
+    @property
+    def sample_answer(self) -> str | None:
+        """The first session's answer."""
+        return next((s.answer for s in self.sessions if s.answer), None)
 
     @property
     def problem(self) -> str | None:
-        """Why the run failed, or None when every session completed, no error event was
-        published, nothing was dead-lettered and every agent exited cleanly."""
+        """Why the run failed, or None: every session completed exactly once, nothing lost,
+        no error event, nothing dead-lettered, every worker not killed on purpose stopped
+        cleanly."""
         errors = self.events_by_type.get(EventType.ERROR.value, 0)
-        unclean = [name for name, code in self.agent_exit_codes.items() if code != 0]
+        unclean = [name for name, how in self.worker_exits.items()
+                   if how not in ("ok", "killed (-9)")]
         if self.failure:
             return self.failure
         if self.sessions_started == 0:
-            return "no task was started"
+            return "no session was started"
+        if self.sessions_failed:
+            return f"{self.sessions_failed} of {self.sessions_started} sessions failed"
         if self.lost:
-            return f"{self.lost} of {self.sessions_started} tasks never completed"
+            return f"{self.lost} of {self.sessions_started} sessions never completed"
+        if self.duplicates:
+            return f"the caller received {self.duplicates} duplicate results"
         if errors:
             return f"{errors} error events"
         if self.dead_letters:
-            return f"{self.dead_letters} events dead-lettered"
+            return f"{self.dead_letters} hops dead-lettered"
         if unclean:
-            return f"agents did not exit cleanly: {', '.join(unclean)}"
+            return f"workers did not stop cleanly: {', '.join(unclean)}"
         return None
 
     @property
@@ -118,147 +246,225 @@ class DemoSummary:
             return None if value is None else round(value, 3)
 
         return {
-            "ok": self.ok, "failure": self.problem, "stream": self.stream,
-            "server": self.server, "sessions_started": self.sessions_started,
-            "sessions_completed": self.sessions_completed, "lost": self.lost,
-            "events_by_type": dict(self.events_by_type), "events": sum(
-                self.events_by_type.values()), "handoffs": self.handoffs,
-            "duplicates": self.duplicates, "tokens_used": self.tokens_used,
+            "ok": self.ok, "failure": self.problem, "namespace": self.namespace,
+            "server": self.server, "model": self.model,
+            "sessions_started": self.sessions_started,
+            "sessions_completed": self.sessions_completed,
+            "sessions_failed": self.sessions_failed, "lost": self.lost,
+            "duplicates": self.duplicates, "handoffs": self.handoffs,
+            "redeliveries": self.redeliveries,
+            "kill": self.kill.to_dict() if self.kill else None,
+            "dead_letters": self.dead_letters,
             "wall_s": None if self.wall_s is None else round(self.wall_s, 3),
-            "handoff_delivery_ms": {"p50": ms(self.delivery_ms, 50),
-                                    "p99": ms(self.delivery_ms, 99)},
-            "handoff_pickup_ms": {"p50": ms(self.pickup_ms, 50), "p99": ms(self.pickup_ms, 99)},
-            "session_ms": {"p50": ms(self.session_ms, 50), "max": ms(self.session_ms, 100)},
-            "dead_letters": self.dead_letters, "agent_exit_codes": self.agent_exit_codes,
+            "handoff_latency_ms": {"p50": ms(self.handoff_ms, 50),
+                                   "p99": ms(self.handoff_ms, 99)},
+            "tokens": self.tokens, "events": sum(self.events_by_type.values()),
+            "events_by_type": dict(self.events_by_type), "worker_exits": self.worker_exits,
+            "sessions": [s.to_dict() for s in self.sessions],
         }
 
 
-class RunTracker:
-    """Follows one demo run through the events the observer receives.
+class DemoTracker:
+    """Follows one demo run through the events on its stream.
 
-    ``record`` turns an event into a timeline row (None for events of other runs) and updates
-    the counters: readiness of the agents, sessions completed, latencies, duplicates.
+    ``record`` turns an event into a timeline row and updates the sessions, the workers and the
+    counters; the runner adds what only it knows (submissions, results, exits).
     """
 
-    def __init__(self, run_id: str, stream: str, server: str, tasks: int,
-                 agents: tuple[str, ...], started_at: float) -> None:
-        self.run_id = run_id
+    def __init__(self, summary: DemoSummary, sessions: Mapping[str, str],
+                 workers: Mapping[str, str], started_at: float) -> None:
+        """``sessions``: session id -> prompt (labelled s1, s2, …); ``workers``: name -> agent."""
+        self.summary = summary
         self.started_at = started_at
-        self.agents = agents
-        self.summary = DemoSummary(stream=stream, server=server)
-        self.session_labels = {session_id_for(run_id, i): f"task-{i}"
-                               for i in range(1, tasks + 1)}
-        self.ready: dict[str, int] = {}
-        self.tasks_published_at: float | None = None
-        self._completed: set[str] = set()
+        self.sessions = {sid: SessionView(sid, f"s{i}", prompt)
+                         for i, (sid, prompt) in enumerate(sessions.items(), 1)}
+        self.workers = {name: WorkerView(name, agent) for name, agent in workers.items()}
+        summary.sessions = list(self.sessions.values())
+        summary.sessions_started = len(self.sessions)
         self._seen_event_ids: set[str] = set()
         self._counts: Counter[str] = Counter()
-        self._handoff_ts: dict[tuple[str, str], float] = {}
-        self._first_ts: dict[str, float] = {}
+        self._offered_at: dict[tuple[str, int], float] = {}
+        self._claimed: set[tuple[str, int]] = set()
+
+    # ---------------------------------------------------------------- conditions
 
     @property
     def all_ready(self) -> bool:
-        """Every agent of the chain announced itself."""
-        return all(name in self.ready for name in self.agents)
+        """Every worker announced that it consumes its inbox."""
+        return all(w.state != "starting" for w in self.workers.values())
 
     @property
-    def done(self) -> bool:
-        """Every task of this run reached its final state."""
-        return len(self._completed) == len(self.session_labels)
+    def all_final_seen(self) -> bool:
+        """The final transition of every answered session's run has been observed."""
+        return all(s.final_seen for s in self.sessions.values() if s.answers)
 
-    @property
-    def completed(self) -> int:
-        """Sessions completed so far."""
-        return len(self._completed)
+    def held_by(self, worker: str) -> list[SessionView]:
+        """Sessions whose current hop ``worker`` holds (claimed, maybe inside its tool)."""
+        return [s for s in self.sessions.values()
+                if s.worker == worker and s.status in _HELD]
 
-    def tasks_published(self, at: float) -> None:
-        """Note that the tasks went out (the start of the measured wall time)."""
-        self.tasks_published_at = at
-        self.summary.sessions_started = len(self.session_labels)
+    # ---------------------------------------------------------------- caller's view
 
-    def record(self, event: dict[str, Any], received_at: float) -> TimelineEntry | None:
-        """Account for one observed event; returns its timeline row, or None if not ours."""
+    def submitted(self, session_id: str, at: float) -> None:
+        """The caller sent the session's request."""
+        self.sessions[session_id].submitted_at = at
+
+    def answered(self, session_id: str, at: float, answer: str | None = None,
+                 error: str | None = None) -> None:
+        """The caller got the session's result (an answer, or the error it raised)."""
+        session = self.sessions[session_id]
+        session.answers += 1
+        if session.answers > 1:
+            self.summary.duplicates += 1
+            return
+        session.answered_at = at
+        if error is None:
+            session.answer = answer
+            session.status = "completed"
+            self.summary.sessions_completed += 1
+        else:
+            session.error = error
+            session.status = "failed"
+            self.summary.sessions_failed += 1
+        start = min((s.submitted_at for s in self.sessions.values()
+                     if s.submitted_at is not None), default=None)
+        if start is not None:
+            self.summary.wall_s = max(self.summary.wall_s or 0.0, at - start)
+
+    # ---------------------------------------------------------------- events
+
+    def record(self, event: Mapping[str, Any], received_at: float) -> TimelineEntry | None:
+        """Account for one observed event; its timeline row (None if not this run's)."""
         kind = str(event.get("type"))
         session_id = event.get("session_id")
-        if kind in (READY_EVENT, STOP_EVENT):
-            if event.get("run_id") != self.run_id:
-                return None
-        elif not isinstance(session_id, str) or session_id not in self.session_labels:
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        worker_name = str(event.get("worker") or "")
+        if session is None and worker_name not in self.workers:
             return None
-        event_id = event.get("_event_id")
+        event_id = getattr(event, "event_id", None) or event.get("_event_id")
         if isinstance(event_id, str):
             if event_id in self._seen_event_ids:
-                self.summary.duplicates += 1
-                return None
+                return None  # the stream never repeats an event; a re-read would
             self._seen_event_ids.add(event_id)
         self._counts[kind] += 1
         self.summary.events_by_type = dict(self._counts)
         ts = _number(event.get("timestamp")) or received_at
-        label = self.session_labels.get(str(session_id), "")
-        actor, detail = self._describe(kind, event, ts, received_at)
-        return TimelineEntry(ts - self.started_at, label, kind, actor, _short(detail),
-                             str(session_id) if session_id else "")
+        row = self._describe(kind, event, session, worker_name, ts)
+        if row is None:
+            return None
+        shown, agent, detail, tone = row
+        return TimelineEntry(ts - self.started_at, session.label if session else "", shown,
+                             agent, worker_name, _short(detail), kind, tone,
+                             session.session_id if session else "")
 
-    def _describe(self, kind: str, event: dict[str, Any], ts: float,
-                  received_at: float) -> tuple[str, str]:
-        session = str(event.get("session_id"))
-        agent = str(event.get("agent_name", ""))
-        summary = self.summary
-        if kind == READY_EVENT:
-            self.ready[agent] = int(event.get("pid", 0))
-            return agent, f"ready (pid {event.get('pid')})"
-        if kind == STOP_EVENT:
-            return "demo", "stop"
-        if kind == EventType.HANDOFF_READY.value:
-            source, target = str(event.get("from_agent")), str(event.get("to_agent"))
-            summary.handoffs += 1
-            summary.delivery_ms.append(max(0.0, (received_at - ts) * 1000))
-            self._handoff_ts[(session, target)] = ts
-            self._first_ts.setdefault(session, ts)
-            context = event.get("context") or {}
-            return f"{source} → {target}", _handoff_detail(source, context)
-        if kind == EventType.AGENT_STARTED.value:
-            handed = self._handoff_ts.get((session, agent))
-            if handed is not None:
-                summary.pickup_ms.append(max(0.0, (ts - handed) * 1000))
-            return agent, f"started: {event.get('input_summary', '')}"
-        if kind == EventType.TOOL_RESULT.value:
-            result = event.get("result")
-            shown = result.get("finding", result) if isinstance(result, dict) else result
-            elapsed = _number(event.get("execution_time_ms")) or 0.0
-            return f"tool {event.get('tool_name')}", f"{elapsed:.0f} ms: {shown}"
-        if kind == EventType.AGENT_COMPLETED.value:
-            tokens = int(_number(event.get("tokens_used")) or 0)
-            summary.tokens_used += tokens
-            duration = _number(event.get("duration_ms")) or 0.0
-            return agent, f"done in {duration:.0f} ms, {tokens} tokens: " \
-                          f"{event.get('output_summary', '')}"
+    def _describe(self, kind: str, event: Mapping[str, Any], session: SessionView | None,
+                  worker_name: str, ts: float) -> tuple[str, str, str, str] | None:
+        """(shown kind, agent, detail, tone) of one event, updating the state on the way."""
+        agent = str(event.get("agent_name") or event.get("agent") or "")
+        worker = self.workers.get(worker_name)
+        if kind == READY_EVENT and worker is not None:
+            worker.state, worker.pid = "ready", _int(event.get("pid"))
+            return "worker ready", worker.agent, f"consuming the {worker.agent} inbox " \
+                                                 f"(pid {worker.pid})", ""
+        if kind == STOPPED_EVENT and worker is not None:
+            worker.state = "stopped"
+            stats = event.get("stats")
+            worker.stats = {k: _int(v) for k, v in stats.items()} \
+                if isinstance(stats, Mapping) else {}
+            runs, reruns = worker.stats.get("hops_run", 0), worker.stats.get("reruns", 0)
+            return "worker stopped", worker.agent, \
+                f"after SIGTERM: ran {runs} hops, {reruns} of them re-runs", ""
+        if kind == KILLED_EVENT and worker is not None:
+            worker.state = "killed"
+            held = [str(x) for x in event.get("held") or []]
+            self.summary.kill = KillReport(worker_name, _int(event.get("pid")), ts, held)
+            for sid in self.sessions.values():
+                if sid.label in held:
+                    sid.status = "orphaned"
+            what = f"holding {', '.join(held)}" if held else "holding no hop"
+            return "KILL -9", worker.agent, f"pid {event.get('pid')}, {what}: its hop " \
+                                            "stays pending in the inbox group", "kill"
+        if session is None:
+            return None
         if kind == EventType.STATE_CHANGED.value:
-            changes = event.get("changes") or {}
-            status = str(changes.get("status", "")) if isinstance(changes, dict) else ""
-            if status == "completed" and session not in self._completed:
-                self._completed.add(session)
-                summary.sessions_completed = len(self._completed)
-                first = self._first_ts.get(session)
-                if first is not None:
-                    summary.session_ms.append((ts - first) * 1000)
-                if self.tasks_published_at is not None:
-                    summary.wall_s = max(summary.wall_s or 0.0, ts - self.tasks_published_at)
-            result = changes.get("result", "") if isinstance(changes, dict) else ""
-            by = changes.get("completed_by", "") if isinstance(changes, dict) else ""
-            return str(by or "session"), f"{status}: {result}"
+            return self._transition(event, session, worker_name, ts)
+        if kind == TOOL_STARTED_EVENT:
+            session.status = "searching"
+            delivery = _int(event.get("delivery_count"), 1)
+            return "tool started", agent or "research", \
+                f"search({event.get('topic')!r}), delivery {delivery}", ""
+        if kind == EventType.AGENT_STARTED.value:
+            return "agent started", agent, str(event.get("input_summary") or ""), ""
+        if kind == EventType.TOOL_RESULT.value:
+            elapsed = _number(event.get("execution_time_ms")) or 0.0
+            return "tool result", agent, f"{event.get('tool_name')} in {elapsed:.0f} ms: " \
+                                         f"{_tool_result(event.get('result'))}", ""
+        if kind == EventType.AGENT_COMPLETED.value:
+            duration = _number(event.get("duration_ms")) or 0.0
+            tokens = _int(event.get("tokens_used"))
+            target = event.get("handed_off_to")
+            outcome = f"handed off to {target}" if target else \
+                f"answer: {event.get('output_summary')}"
+            return "agent done", agent, f"{duration:.0f} ms, {tokens} tokens, {outcome}", ""
+        if kind == EventType.HANDOFF_READY.value:
+            source, target = event.get("from_agent"), event.get("to_agent")
+            return "handoff", f"{source}→{target}", "remote handoff through the " \
+                                                    f"{target} inbox", "handoff"
         if kind == EventType.ERROR.value:
-            return agent or "?", f"{event.get('error_type')}: {event.get('error_message')}"
-        return agent or "?", ""
+            return "ERROR", agent, f"{event.get('error_type')}: " \
+                                   f"{event.get('error_message')}", "error"
+        return kind, agent, "", ""
 
-
-def _handoff_detail(source: str, context: object) -> str:
-    if not isinstance(context, dict):
-        return ""
-    if source == "user":
-        return str(context.get("task", ""))
-    if "notes" in context:
-        return f"{len(context['notes'])} findings"
-    if "plan" in context:
-        return "plan: " + "; ".join(str(step) for step in context["plan"])
-    return ", ".join(sorted(context))
+    def _transition(self, event: Mapping[str, Any], session: SessionView, worker_name: str,
+                    ts: float) -> tuple[str, str, str, str]:
+        changes = event.get("changes")
+        changes = changes if isinstance(changes, Mapping) else {}
+        status = str(changes.get("status", ""))
+        hop = _int(changes.get("hop", event.get("hop")), -1)
+        agent = str(changes.get("agent") or event.get("agent") or "")
+        key = (session.session_id, hop)
+        if hop >= session.hop:
+            session.hop, session.agent = hop, agent
+        if status == "offered":
+            self._offered_at.setdefault(key, ts)
+            if session.status not in ("completed", "failed"):
+                session.status, session.worker, session.delivery = "offered", "", 0
+            source = changes.get("from_agent")
+            return "hop offered", agent, f"hop {hop} in the {agent} inbox" + (
+                f", from {source}" if source else f": {session.prompt!r}"), ""
+        if status == "claimed":
+            delivery = _int(changes.get("delivery_count"), 1)
+            session.hops[hop] = (agent, worker_name, delivery)
+            if session.status not in ("completed", "failed"):
+                session.status, session.worker, session.delivery = \
+                    "claimed", worker_name, delivery
+            if key not in self._claimed:
+                self._claimed.add(key)
+                offered = self._offered_at.get(key)
+                if hop >= 1 and offered is not None:
+                    self.summary.handoff_ms.append(max(0.0, (ts - offered) * 1000))
+            if delivery > 1:
+                self.summary.redeliveries += 1
+                kill = self.summary.kill
+                taken_over = kill is not None and worker_name != kill.worker
+                if kill is not None and taken_over and kill.reclaimed_by is None:
+                    kill.reclaimed_by = worker_name
+                    kill.recovery_s = ts - kill.at
+                after = f", {ts - kill.at:.2f} s after the kill" if taken_over and kill else ""
+                return "hop RECLAIMED", agent, f"hop {hop} redelivered to {worker_name} " \
+                                               f"(delivery {delivery}){after}", "recovery"
+            return "hop claimed", agent, f"hop {hop} by {worker_name}", ""
+        if status == "completed":
+            last = changes.get("last_agent")
+            if last is not None:
+                session.final_seen = True
+                return "run completed", agent, f"final answer by {last}", "done"
+            return "hop completed", agent, f"hop {hop} handed off to " \
+                                           f"{changes.get('handed_off_to')}", ""
+        if status == "failed":
+            session.final_seen = True
+            error = changes.get("error")
+            detail = f"{error.get('error_type')}: {error.get('error_message')}" \
+                if isinstance(error, Mapping) else "failed"
+            return "run FAILED", agent, detail, "error"
+        return f"hop {status}", agent, "", ""
