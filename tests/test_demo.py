@@ -1,4 +1,5 @@
-"""``agentstreams demo``: the real command in a subprocess, and the role chain in-process."""
+"""``agentstreams demo``: the real command in a subprocess (worker processes, kill -9, recovery),
+the demo's agent team in-process, and the bookkeeping behind the summary."""
 
 from __future__ import annotations
 
@@ -12,24 +13,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
+from agents import set_tracing_disabled
 
-from agentstreams.coordinator import AgentCoordinator
-from agentstreams.demo.agent import STOP_EVENT, handle_handoff, run_agent
-from agentstreams.demo.roles import (
-    CHAIN,
-    FIRST_ROLE,
-    Role,
-    RoleEnv,
-    RoleOutput,
-    role_named,
-    task_context,
-)
+from agentstreams.demo.team import build_team, notes_for, prompt_for
+from agentstreams.demo.timeline import KILLED_EVENT, DemoSummary, DemoTracker
+from agentstreams.demo.worker import READY_EVENT
+from agentstreams.integrations.openai_agents import AgentClient, AgentWorker
 from agentstreams.server import LocalServer
 
-#: A demo run in these tests must end well within this (it normally takes 1-3 s).
-DEMO_TIMEOUT_S = 60
+set_tracing_disabled(True)
+
+#: A demo run in these tests must end well within this (it normally takes 8-12 s on 2 CPUs,
+#: most of it four processes importing the SDK).
+DEMO_TIMEOUT_S = 90
 
 
 def _demo_command(*args: str) -> list[str]:
@@ -39,153 +36,209 @@ def _demo_command(*args: str) -> list[str]:
     return [*base, "demo", *args]
 
 
-def _run_demo(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+def _run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = env if env is not None else {k: v for k, v in os.environ.items()
+                                       if k not in ("REDIS_URL", "OPENAI_API_KEY")}
     return subprocess.run(_demo_command(*args), capture_output=True, text=True, env=env,
                           timeout=DEMO_TIMEOUT_S, check=False)
 
 
 def _summary_value(output: str, label: str) -> str:
-    match = re.search(rf"^\|\s*{re.escape(label)}\s*\|\s*(\S+)", output, re.MULTILINE)
+    match = re.search(rf"^\|\s*{re.escape(label)}\s*\|\s*(.+?)\s*\|$", output, re.MULTILINE)
     assert match, f"no {label!r} row in the summary:\n{output}"
     return match.group(1)
 
 
-def test_demo_on_embedded_valkey_completes_every_session() -> None:
-    result = _run_demo("--tasks", "2", "--plain", "--pace", "0.2")
-    output = result.stdout
-    assert result.returncode == 0, output + result.stderr
-    assert _summary_value(output, "sessions completed") == "2/2"
-    assert _summary_value(output, "lost") == "0"
-    assert _summary_value(output, "handoffs") == "6"
-    assert _summary_value(output, "dead letters") == "0"
-    assert "OK: every task completed, nothing lost" in output
-    assert "(embedded)" in output
-    # Plain output is for logs: no escape sequences.
-    assert "\x1b[" not in output
-    # The timeline shows the whole chain for each task.
-    rows = [line for line in output.splitlines() if " handoff_ready " in line]
-    for step in ("user → planner", "planner → researcher", "researcher → writer"):
-        assert sum(step in row for row in rows) == 2, output
-
-
-async def test_demo_on_given_server_reports_json_and_cleans_up(
-        valkey_server: LocalServer) -> None:
-    result = await asyncio.to_thread(_run_demo, "--redis-url", valkey_server.url, "--tasks",
-                                     "2", "--json", "--pace", "0")
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    summary = lines[-1]["summary"]
-    assert summary["ok"] is True
-    assert summary["sessions_started"] == summary["sessions_completed"] == 2
-    assert summary["lost"] == 0
-    assert summary["duplicates"] == 0
-    assert summary["events_by_type"] == {
-        "demo_agent_ready": 3, "handoff_ready": 6, "agent_started": 6, "tool_result": 6,
-        "agent_completed": 6, "state_changed": 2,
-    }
-    assert summary["agent_exit_codes"] == {"planner": 0, "researcher": 0, "writer": 0}
-    events = [line["event"] for line in lines if "event" in line]
-    assert len(events) == sum(summary["events_by_type"].values())
-    # A generated stream on the user's server is removed with its side keys.
-    client = aioredis.Redis.from_url(valkey_server.url)
+async def _namespace_keys(url: str, namespace: str) -> list[Any]:
+    client = aioredis.Redis.from_url(url)
     try:
-        assert await client.exists(summary["stream"]) == 0
-        assert [k async for k in client.scan_iter(match=f"{{{summary['stream']}}}*")] == []
+        return [k for pattern in (f"{namespace}:*", f"{{{namespace}:*")
+                async for k in client.scan_iter(match=pattern)]
     finally:
         await client.aclose()
 
 
-async def test_demo_that_cannot_finish_exits_non_zero(valkey_server: LocalServer) -> None:
-    # Simulated work 100x slower than normal cannot finish before a 2 s deadline.
+async def test_demo_plain_kills_a_worker_and_every_session_completes_once(
+        valkey_server: LocalServer) -> None:
     result = await asyncio.to_thread(_run_demo, "--redis-url", valkey_server.url, "--tasks",
-                                     "1", "--plain", "--pace", "100", "--timeout", "2")
+                                     "3", "--plain")
+    output = result.stdout
+    assert result.returncode == 0, output + result.stderr
+    assert _summary_value(output, "sessions completed") == "3/3"
+    assert _summary_value(output, "handoffs") == "6"
+    assert int(_summary_value(output, "redeliveries")) >= 1
+    assert _summary_value(output, "duplicates seen by the caller") == "0"
+    assert _summary_value(output, "lost") == "0"
+    assert _summary_value(output, "dead letters") == "0"
+    assert re.match(r"research-[12] \(pid \d+\) holding s\d.*; research-[12] re-claimed",
+                    _summary_value(output, "killed")), output
+    assert "killed (-9)" in _summary_value(output, "workers")
+    assert "OK: every session completed exactly once, nothing lost" in output
+    assert "\x1b[" not in output  # plain output is for logs
+    # The timeline shows the kill, then the hop re-claimed by the other replica.
+    kill_row = next(line for line in output.splitlines() if " KILL -9 " in line)
+    victim = re.search(r"research-[12]", kill_row)
+    assert victim, kill_row
+    reclaimed = [line for line in output.splitlines() if " hop RECLAIMED " in line]
+    assert reclaimed, output
+    assert "(delivery 2)" in reclaimed[0]
+    assert "redelivered to research-" in reclaimed[0]
+    assert f"redelivered to {victim.group(0)}" not in reclaimed[0]
+    assert output.index(kill_row) < output.index(reclaimed[0])
+    # Both remote handoffs of every session appear.
+    for step in ("triage→research", "research→writer"):
+        assert sum(f" {step} " in line for line in output.splitlines()) == 3, output
+
+
+async def test_demo_json_on_a_given_server_reports_the_recovery_and_cleans_up(
+        valkey_server: LocalServer) -> None:
+    result = await asyncio.to_thread(_run_demo, "--redis-url", valkey_server.url, "--tasks",
+                                     "2", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    header, summary = lines[0]["header"], lines[-1]["summary"]
+    assert header["workers"] == {"triage-1": "triage", "research-1": "research",
+                                 "research-2": "research", "writer-1": "writer"}
+    assert summary["ok"] is True, summary
+    assert summary["sessions_started"] == summary["sessions_completed"] == 2
+    assert summary["lost"] == summary["duplicates"] == summary["dead_letters"] == 0
+    assert summary["handoffs"] == 4
+    assert summary["redeliveries"] >= 1
+    kill = summary["kill"]
+    assert kill["held"], kill  # the victim was inside its search
+    assert kill["reclaimed_by"] in ("research-1", "research-2")
+    assert kill["reclaimed_by"] != kill["worker"]
+    assert 0 < kill["recovery_s"] < 10
+    assert summary["worker_exits"][kill["worker"]] == "killed (-9)"
+    assert [v for k, v in summary["worker_exits"].items() if k != kill["worker"]] == ["ok"] * 3
+    # The caller got one answer per session; a held session's research hop ran on the other
+    # replica with delivery count 2.
+    by_label = {s["label"]: s for s in summary["sessions"]}
+    for session in summary["sessions"]:
+        assert session["answers"] == 1
+        assert session["answer"].startswith("Brief on ")
+        assert [h["agent"] for h in session["hops"]] == ["triage", "research", "writer"]
+    research_hop = by_label[kill["held"][0]]["hops"][1]
+    assert research_hop == {"hop": 1, "agent": "research", "worker": kill["reclaimed_by"],
+                            "delivery_count": 2}
+    assert summary["handoff_latency_ms"]["p50"] is not None
+    events = [line["event"] for line in lines if "event" in line]
+    assert len(events) == summary["events"]
+    assert [e["type"] for e in events].count(KILLED_EVENT) == 1
+    # A generated namespace on the user's server is removed, side keys included.
+    assert await _namespace_keys(valkey_server.url, summary["namespace"]) == []
+
+
+async def test_demo_that_cannot_finish_exits_1(valkey_server: LocalServer) -> None:
+    # Four processes importing the SDK cannot all be ready within one second.
+    result = await asyncio.to_thread(_run_demo, "--redis-url", valkey_server.url, "--tasks",
+                                     "1", "--plain", "--timeout", "1")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAILED: timed out after 2s with 0 of 1 tasks completed" in result.stdout
+    assert "FAILED: timed out after 1s waiting for workers" in result.stdout
     assert _summary_value(result.stdout, "lost") == "1"
 
 
-async def _collect(observer: AgentCoordinator, until_type: str) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-    async for event in observer.subscribe(timeout_ms=200):
-        seen.append(event)
-        if event["type"] == until_type:
-            break
-    return seen
+def test_live_model_without_an_api_key_exits_2() -> None:
+    result = _run_demo("--live-model", "--plain")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--live-model needs OPENAI_API_KEY" in result.stderr
+    assert result.stdout == ""
 
 
-async def test_role_chain_hands_a_task_through_every_role_and_acks_everything(
+async def test_team_answers_from_the_search_through_remote_handoffs(
         valkey_server: LocalServer) -> None:
-    url, stream = valkey_server.url, f"test-demo-{uuid.uuid4().hex[:12]}"
-    run_id = "r1"
-    async with AgentCoordinator(url, stream, consumer_group="observer",
-                                consumer_name="observer-1") as observer:
-        agents = [asyncio.create_task(run_agent(url, stream, role, run_id, pace=0))
-                  for role in CHAIN]
-        await observer.publish_handoff_ready("user", FIRST_ROLE, "s1", task_context(1))
-        seen = await asyncio.wait_for(_collect(observer, "state_changed"), 15)
-        await observer.publish(STOP_EVENT, {"run_id": run_id})
-        handled = await asyncio.wait_for(asyncio.gather(*agents), 15)
-        assert handled == [1, 1, 1]
+    """The demo's agents in one process (three AgentWorkers): the writer's brief is built
+    from the notes the research agent's search returned, two handoffs away."""
+    namespace = f"demotest-{uuid.uuid4().hex[:8]}"
+    searches: list[tuple[str, str]] = []
 
-        chain = [(e["type"], e.get("agent_name") or e.get("to_agent") or e.get("tool_name"))
-                 for e in seen if e.get("session_id") == "s1"]
-        assert chain == [
-            ("handoff_ready", "planner"), ("agent_started", "planner"),
-            ("agent_completed", "planner"), ("handoff_ready", "researcher"),
-            ("agent_started", "researcher"), ("tool_result", "search"),
-            ("tool_result", "search"), ("tool_result", "search"),
-            ("agent_completed", "researcher"), ("handoff_ready", "writer"),
-            ("agent_started", "writer"), ("agent_completed", "writer"),
-            ("state_changed", None),
-        ]
-        final = seen[-1]["changes"]
-        assert final["status"] == "completed"
-        assert final["completed_by"] == "writer"
-        assert final["result"].startswith("Brief: consumer groups in Redis Streams.")
-        # Every role acknowledged everything it read (the stop event included).
-        info = await observer.get_stream_info()
-        pending = {g["name"]: g["pending"] for g in info["groups"]}
-        assert {name: pending[name] for name in ("planner", "researcher", "writer")} == {
-            "planner": 0, "researcher": 0, "writer": 0}
-        client = aioredis.Redis.from_url(url)
-        await client.delete(stream)
-        await client.aclose()
+    async def on_search(topic: str, key: str) -> None:
+        searches.append((topic, key))
+
+    team = build_team(search_s=0.0, on_tool_start=on_search)
+    workers = [AgentWorker([agent], valkey_server.url, namespace=namespace, block_ms=200)
+               for agent in team.values()]
+    try:
+        for worker in workers:
+            await worker.start()
+        async with AgentClient(valkey_server.url, namespace=namespace) as client:
+            result = await client.run("triage", prompt_for(2), session_id="d1", timeout_s=20)
+    finally:
+        for worker in workers:
+            await worker.stop()
+    topic = "crash recovery with XAUTOCLAIM"
+    assert result.final_output == f"Brief on {topic}: {'; '.join(notes_for(topic))}."
+    assert result.agents == ["triage", "research", "writer"]
+    assert [link.handed_off_to for link in result.chain] == ["research", "writer", None]
+    assert [t for t, _ in searches] == [topic]
+    assert searches[0][1].startswith(f"{result.run_id}:1:search:")  # the stable call key
+    keys = await _namespace_keys(valkey_server.url, namespace)
+    if keys:
+        raw = aioredis.Redis.from_url(valkey_server.url)
+        await raw.delete(*keys)
+        await raw.aclose()
 
 
-async def test_redelivered_handoff_publishes_nothing_twice(valkey_server: LocalServer) -> None:
-    url, stream = valkey_server.url, f"test-demo-{uuid.uuid4().hex[:12]}"
-    async with AgentCoordinator(url, stream) as coordinator:
-        event = {"type": "handoff_ready", "from_agent": "planner", "to_agent": "researcher",
-                 "session_id": "s1", "context": {**task_context(2), "plan": ["a", "b"]}}
-        researcher = role_named("researcher")
-        await handle_handoff(coordinator, researcher, event, pace=0)
-        length = (await coordinator.get_stream_info())["length"]
-        assert length == 5  # started, 2 tool results, completed, handoff to the writer
-        await handle_handoff(coordinator, researcher, event, pace=0)
-        assert (await coordinator.get_stream_info())["length"] == length
-        client = aioredis.Redis.from_url(url)
-        keys = [k async for k in client.scan_iter(match=f"{{{stream}}}*")]
-        await client.delete(stream, *keys)
-        await client.aclose()
+def _event(kind: str, at: float, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "timestamp": at, "_event_id": uuid.uuid4().hex, **fields}
 
 
-async def test_failing_role_publishes_an_error_and_raises(valkey_server: LocalServer) -> None:
-    async def broken(context: dict[str, Any], env: RoleEnv) -> RoleOutput:
-        raise RuntimeError("model unavailable")
+def _claimed(session: str, hop: int, agent: str, worker: str, at: float,
+             delivery: int = 1) -> dict[str, Any]:
+    return _event("state_changed", at, session_id=session, worker=worker, changes={
+        "status": "claimed", "hop": hop, "agent": agent, "delivery_count": delivery})
 
-    url, stream = valkey_server.url, f"test-demo-{uuid.uuid4().hex[:12]}"
-    async with AgentCoordinator(url, stream, consumer_group="observer") as coordinator:
-        event = {"type": "handoff_ready", "from_agent": "user", "to_agent": "planner",
-                 "session_id": "s1", "context": task_context(1)}
-        with pytest.raises(RuntimeError, match="model unavailable"):
-            await handle_handoff(coordinator, Role("planner", broken, "researcher"), event)
-        seen = [e async for e in coordinator.subscribe(timeout_ms=200, max_events=2)]
-        assert [e["type"] for e in seen] == ["agent_started", "error"]
-        assert seen[1]["agent_name"] == "planner"
-        assert seen[1]["error_type"] == "RuntimeError"
-        assert seen[1]["error_message"] == "model unavailable"
-        client = aioredis.Redis.from_url(url)
-        keys = [k async for k in client.scan_iter(match=f"{{{stream}}}*")]
-        await client.delete(stream, *keys)
-        await client.aclose()
+
+def _offered(session: str, hop: int, agent: str, at: float) -> dict[str, Any]:
+    return _event("state_changed", at, session_id=session,
+                  changes={"status": "offered", "hop": hop, "agent": agent})
+
+
+def test_tracker_counts_the_kill_the_recovery_and_handoff_latency() -> None:
+    summary = DemoSummary(namespace="ns", server="test", model="scripted")
+    tracker = DemoTracker(summary, {"a": "Write a short brief on x"},
+                          {"research-1": "research", "research-2": "research"}, 100.0)
+    for name in ("research-1", "research-2"):
+        tracker.record(_event(READY_EVENT, 100.0, worker=name, pid=1), 100.0)
+    assert tracker.all_ready
+    tracker.submitted("a", 100.5)
+    tracker.record(_offered("a", 1, "research", 101.0), 101.0)
+    tracker.record(_claimed("a", 1, "research", "research-1", 101.004), 101.004)
+    assert [s.label for s in tracker.held_by("research-1")] == ["s1"]
+    entry = tracker.record(_event(KILLED_EVENT, 101.1, worker="research-1", pid=7,
+                                  held=["s1"]), 101.1)
+    assert entry is not None
+    assert (entry.kind, entry.tone) == ("KILL -9", "kill")
+    assert tracker.sessions["a"].status == "orphaned"
+    entry = tracker.record(_claimed("a", 1, "research", "research-2", 102.3, delivery=2), 102.3)
+    assert entry is not None
+    assert entry.kind == "hop RECLAIMED"
+    assert "(delivery 2)" in entry.detail
+    tracker.answered("a", 103.5, answer="done")
+    tracker.answered("a", 103.6, answer="done again")  # a second result for one session
+    assert summary.redeliveries == 1
+    assert summary.kill is not None
+    assert summary.kill.reclaimed_by == "research-2"
+    assert abs((summary.kill.recovery_s or 0) - 1.2) < 1e-6
+    assert len(summary.handoff_ms) == 1
+    assert abs(summary.handoff_ms[0] - 4.0) < 1e-3
+    assert summary.sessions_completed == 1
+    assert summary.duplicates == 1
+    assert summary.lost == 0
+    assert summary.wall_s == 3.0
+    assert summary.problem == "the caller received 1 duplicate results"
+    # Events of sessions and workers that are not this run's are ignored.
+    assert tracker.record(_claimed("other", 0, "triage", "elsewhere", 104.0), 104.0) is None
+
+
+def test_summary_is_not_ok_when_a_session_is_lost() -> None:
+    summary = DemoSummary(namespace="ns", server="test", model="scripted")
+    tracker = DemoTracker(summary, {"a": "p", "b": "q"}, {}, 0.0)
+    tracker.answered("a", 1.0, answer="fine")
+    summary.worker_exits = {"research-1": "killed (-9)", "writer-1": "ok"}
+    assert summary.lost == 1
+    assert summary.problem == "1 of 2 sessions never completed"
+    tracker.answered("b", 2.0, answer="late but there")
+    assert summary.ok
+    summary.worker_exits["writer-1"] = "did not stop (killed)"
+    assert summary.problem == "workers did not stop cleanly: writer-1"

@@ -1,5 +1,6 @@
-"""The ``agentstreams demo`` engine: roles (what agents do), agent processes, runner, display.
+"""The ``agentstreams demo`` engine: OpenAI Agents SDK agents in separate worker processes.
 
-``roles`` knows nothing of Redis; ``agent`` hosts one role on a coordinator in its own process;
-``runner`` orchestrates a run; ``timeline`` keeps the numbers; ``display`` renders them.
+``scripted`` is the offline model; ``team`` builds the three agents (triage -> research ->
+writer); ``worker`` hosts one of them in its own process; ``runner`` orchestrates a run (server,
+processes, sessions, the kill -9); ``timeline`` keeps the numbers; ``display`` renders them.
 """
