@@ -71,7 +71,7 @@ class BenchConfig:
 
     sequential_events: int = 20_000
     batched_events: int = 200_000
-    consume_events: int = 200_000
+    consume_events: int = 100_000
     rounds: int = 3
     latency_s: float = 10.0
     latency_rates: tuple[int, ...] = (2_000, 20_000)
