@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -157,11 +159,12 @@ class _Worker:
 
 
 async def _start_workers(url: str, namespace: str, config: DemoConfig, log_dir: Path,
-                         on_exit: Callable[[], None]) -> dict[str, _Worker]:
+                         on_exit: Callable[[], None], workers: dict[str, _Worker]) -> None:
+    """Start every worker process into ``workers`` (filled as they start, so a failure half
+    way still leaves the started ones to be reaped)."""
     env = {**os.environ, URL_ENV: url}
     if not config.live_model:
         env["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
-    workers: dict[str, _Worker] = {}
     for name, agent in WORKERS.items():
         log_path = log_dir / f"{name}.log"
         args = [sys.executable, "-m", "agentstreams.demo.worker", "--namespace", namespace,
@@ -176,7 +179,6 @@ async def _start_workers(url: str, namespace: str, config: DemoConfig, log_dir: 
         exited = asyncio.create_task(process.wait(), name=f"demo-exit-{name}")
         exited.add_done_callback(lambda _task: on_exit())
         workers[name] = _Worker(name, agent, process, log_path, exited)
-    return workers
 
 
 class _EventFeed:
@@ -230,6 +232,7 @@ class _Scene:
         self.workers: dict[str, _Worker] = {}
         self.victim: str | None = None
         self.stopping = False
+        self.interrupted = False
         self.changed = asyncio.Event()
         self._stop_observing = False
 
@@ -276,8 +279,15 @@ class _Scene:
 
     # ---------------------------------------------------------------- waiting
 
+    def interrupt(self) -> None:
+        """Ctrl-C: end the run through the normal path (stop workers, clean up, report)."""
+        self.interrupted = True
+        self.changed.set()
+
     def trouble(self) -> str | None:
-        """A worker that died on its own, while it should be running."""
+        """Ctrl-C, or a worker that died on its own while it should be running."""
+        if self.interrupted:
+            return "interrupted (Ctrl-C)"
         if self.stopping:
             return None
         for worker in self.workers.values():
@@ -290,14 +300,14 @@ class _Scene:
         """Wait for ``predicate``; returns why it failed ("timeout", a dead worker...)."""
         while True:
             self.changed.clear()
+            problem = self.trouble()
+            if problem is not None:
+                return problem
             if predicate():
                 return None
             if observer.done():
                 observer.result()  # a dead server or a bug: let it surface
                 return "the observer stopped"
-            problem = self.trouble()
-            if problem is not None:
-                return problem
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "timeout"
@@ -404,6 +414,23 @@ async def _delete_namespace(url: str, namespace: str) -> None:
         await client.aclose()
 
 
+@contextlib.contextmanager
+def _on_sigint(handler: Callable[[], None]) -> Iterator[None]:
+    """Route Ctrl-C to ``handler`` while the block runs (main thread only; the workers, in the
+    same process group, get it too and stop gracefully)."""
+    loop = asyncio.get_running_loop()
+    installed = False
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, handler)
+            installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
+
+
 def _log_tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -444,11 +471,12 @@ async def run_demo(url: str, config: DemoConfig, display: DemoDisplay, *,
                 AgentClient(url, namespace=namespace) as client:
             scene = _Scene(url, keys, config, tracker, display, announcer)
             observer = asyncio.create_task(scene.observe(feed), name="demo-observer")
-            with tempfile.TemporaryDirectory(prefix="agentstreams-demo-") as log_dir:
+            with tempfile.TemporaryDirectory(prefix="agentstreams-demo-") as log_dir, \
+                    _on_sigint(scene.interrupt):
                 try:
                     display.progress(f"starting {len(WORKERS)} worker processes")
-                    scene.workers = await _start_workers(url, namespace, config, Path(log_dir),
-                                                         scene.changed.set)
+                    await _start_workers(url, namespace, config, Path(log_dir),
+                                         scene.changed.set, scene.workers)
                     summary.failure = await _play(scene, client, deadline, observer)
                     if summary.failure is None:
                         # The answers are in; let the log catch up with the final events.

@@ -173,6 +173,8 @@ class AgentClient:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ClosedError("the AgentClient was closed"))
+                # A caller whose wait() was cancelled no longer looks: no "never retrieved".
+                future.exception()
         self._pending.clear()
         if self._client is not None:
             with contextlib.suppress(Exception):
