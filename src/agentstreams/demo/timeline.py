@@ -381,9 +381,13 @@ class DemoTracker:
             for sid in self.sessions.values():
                 if sid.label in held:
                     sid.status = "orphaned"
-            what = f"holding {', '.join(held)}" if held else "holding no hop"
-            return "KILL -9", worker.agent, f"pid {event.get('pid')}, {what}: its hop " \
-                                            "stays pending in the inbox group", "kill"
+            if not held:
+                what = "holding no hop"
+            elif len(held) == 1:
+                what = f"holding {held[0]}: its hop stays pending in the inbox group"
+            else:
+                what = f"holding {', '.join(held)}: their hops stay pending in the inbox group"
+            return "KILL -9", worker.agent, f"pid {event.get('pid')}, {what}", "kill"
         if session is None:
             return None
         if kind == EventType.STATE_CHANGED.value:
@@ -425,19 +429,24 @@ class DemoTracker:
         key = (session.session_id, hop)
         if hop >= session.hop:
             session.hop, session.agent = hop, agent
+        current = hop == session.hop
+        final = session.status in ("completed", "failed")  # the caller's answer came first
         if status == "offered":
             self._offered_at.setdefault(key, ts)
-            if session.status not in ("completed", "failed"):
-                session.status, session.worker, session.delivery = "offered", "", 0
+            if current and key not in self._claimed:
+                session.worker, session.delivery = "", 0
+                if not final:
+                    session.status = "offered"
             source = changes.get("from_agent")
             return "hop offered", agent, f"hop {hop} in the {agent} inbox" + (
                 f", from {source}" if source else f": {session.prompt!r}"), ""
         if status == "claimed":
             delivery = _int(changes.get("delivery_count"), 1)
             session.hops[hop] = (agent, worker_name, delivery)
-            if session.status not in ("completed", "failed"):
-                session.status, session.worker, session.delivery = \
-                    "claimed", worker_name, delivery
+            if current:
+                session.worker, session.delivery = worker_name, delivery
+                if not final:
+                    session.status = "claimed"
             if key not in self._claimed:
                 self._claimed.add(key)
                 offered = self._offered_at.get(key)
