@@ -22,13 +22,10 @@ this hop). While a hop runs, its lease is renewed, so a long LLM call is not tak
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -79,6 +76,7 @@ from agentstreams.integrations.openai_agents._wire import (
     to_jsonable,
     usage_dict,
 )
+from agentstreams.runtime.lifecycle import serve_until_stopped
 from agentstreams.runtime.publisher import Publisher, StreamCap
 from agentstreams.runtime.worker import Worker
 
@@ -228,20 +226,8 @@ class AgentWorker:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Host the agents until ``request_stop()``, SIGTERM or SIGINT."""
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self._stop_requested.set)
-                    installed.append(sig)
-        try:
-            await self.start()
-            await self._stop_requested.wait()
-        finally:
-            await self.stop()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+        await serve_until_stopped(self.start, self.stop, self._stop_requested,
+                                  install_signal_handlers=install_signal_handlers)
 
     async def __aenter__(self) -> AgentWorker:
         await self.start()
