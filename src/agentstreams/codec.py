@@ -57,6 +57,7 @@ __all__ = [
     "EncodedEntry",
     "decode_entry",
     "encode_event",
+    "encode_event_resp",
     "encode_event_text",
     "new_event_id",
     "validate_event_type",
@@ -332,6 +333,126 @@ def encode_event_text(
             stream=stream,
         )
     return pairs
+
+
+#: Validated field names as (RESP bulk-string header ``$<bytes>\r\n<name>\r\n``, UTF-8 length).
+_RESP_NAMES: dict[str, tuple[str, int]] = {}
+
+
+def _resp_bulk(text: str) -> str:
+    """``text`` as a RESP bulk string (for the fixed metadata names and rare values)."""
+    return f"${len(text.encode())}\r\n{text}\r\n"
+
+
+#: ``$<n>\r\n`` for small lengths: a list lookup is cheaper than formatting an int per value.
+_RESP_LENGTHS = [f"${n}\r\n" for n in range(4096)]
+
+
+def _resp_length(n: int) -> str:
+    return _RESP_LENGTHS[n] if n < 4096 else f"${n}\r\n"
+
+
+_RESP_TYPE = _resp_bulk(FIELD_TYPE)
+_RESP_TIMESTAMP = _resp_bulk(FIELD_TIMESTAMP)
+_RESP_VERSION = _resp_bulk(FIELD_VERSION) + _resp_bulk(_FORMAT_VERSION_TEXT)
+_RESP_EVENT_ID = _resp_bulk(FIELD_EVENT_ID)
+_RESP_JSON = _resp_bulk(FIELD_JSON)
+#: ``_v``, ``_eid`` and the length of a generated event id (always 32 ASCII characters).
+_RESP_VERSION_EID = f"{_RESP_VERSION}{_RESP_EVENT_ID}$32\r\n"
+_RESP_TRACEPARENT = _resp_bulk(FIELD_TRACEPARENT)
+_RESP_TRACESTATE = _resp_bulk(FIELD_TRACESTATE)
+
+
+def _resp_name(name: object) -> tuple[str, int]:
+    """A user field name as a RESP bulk string and its UTF-8 length (validated; cached)."""
+    key = _check_field_name(name)
+    if name == FIELD_TYPE:
+        raise InvalidArgumentError("pass the event type separately, not as a 'type' field")
+    assert isinstance(name, str)  # _check_field_name refuses anything else
+    cached = (f"${len(key)}\r\n{name}\r\n", len(key))
+    if len(_RESP_NAMES) < _NAME_CACHE_MAX:
+        _RESP_NAMES[name] = cached
+    return cached
+
+
+def encode_event_resp(
+    event_type: str | EventType,
+    fields: Mapping[str, Any],
+    *,
+    event_id: str | None = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    stream: str | None = None,
+    type_in_fields: bool = False,
+) -> tuple[int, str]:
+    """The entry ``encode_event`` writes, as RESP text: ``(argument count, bulk strings)``.
+
+    Same validation, field order and UTF-8 bytes as ``encode_event``. The publisher puts
+    ``*<n>\r\n$4\r\nXADD\r\n<key>...*`` in front and encodes a whole pipelined batch with
+    ONE ``str.encode``: packing thousands of arguments one by one is what makes batches slow
+    in Python. Every value went through a UTF-8 check here, so that encode cannot fail. With
+    ``type_in_fields``, a ``type`` key in ``fields`` is the event type and is skipped.
+    """
+    type_bytes = _encoded_type(event_type)
+    type_text = type_bytes.decode()
+    parts = [f"{_RESP_TYPE}{_resp_length(len(type_bytes))}{type_text}\r\n"]
+    json_names: list[str] = []
+    size = len(type_bytes) + 4
+    has_timestamp = False
+    names = _RESP_NAMES
+    lengths = _RESP_LENGTHS
+    for name, value in fields.items():
+        cached = names.get(name) if type(name) is str else None
+        if cached is None:
+            if type_in_fields and name == FIELD_TYPE:
+                continue
+            cached = _resp_name(name)
+        if name == FIELD_TIMESTAMP:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidArgumentError(
+                    f"'timestamp' is the producer timestamp and must be a number, got {value!r}"
+                )
+            has_timestamp = True
+        if type(value) is str:
+            text = value
+            length = len(value) if value.isascii() else _text_byte_length(name, value)
+        else:
+            dumped = _dump_json(name, value)
+            length = len(dumped)
+            text = dumped.decode()
+            json_names.append(name)
+        size += cached[1] + length
+        parts.append(f"{cached[0]}{lengths[length] if length < 4096 else _resp_length(length)}"
+                     f"{text}\r\n")
+    if not has_timestamp:
+        stamp = repr(time.time())
+        parts.append(f"{_RESP_TIMESTAMP}{_RESP_LENGTHS[len(stamp)]}{stamp}\r\n")
+        json_names.append(FIELD_TIMESTAMP)
+    eid = event_id or new_event_id()
+    parts.append(_RESP_VERSION_EID + eid + "\r\n" if event_id is None
+                 else f"{_RESP_VERSION}{_RESP_EVENT_ID}{_resp_bulk(eid)}")
+    pairs = len(parts) + 1
+    if json_names:
+        joined = ",".join(json_names)
+        parts.append(f"{_RESP_JSON}{_resp_length(len(joined.encode()))}{joined}\r\n")
+        pairs += 1
+    if traceparent:
+        parts.append(_RESP_TRACEPARENT + _resp_bulk(traceparent))
+        pairs += 1
+        if tracestate:
+            parts.append(_RESP_TRACESTATE + _resp_bulk(tracestate))
+            pairs += 1
+    if size > max_event_bytes:
+        raise PayloadTooLargeError(
+            f"event of type {type_text!r} is {size} bytes, over the {max_event_bytes}-byte "
+            "limit; store large payloads elsewhere and publish a reference, or raise "
+            "max_event_bytes",
+            size=size,
+            limit=max_event_bytes,
+            stream=stream,
+        )
+    return pairs * 2, "".join(parts)
 
 
 def _as_str(raw: bytes, what: str, fields: Mapping[bytes, bytes], stream: str,

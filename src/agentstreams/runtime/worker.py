@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -272,7 +273,12 @@ class Worker:
         self._stopped = asyncio.Event()
         #: set once in-flight work is over: the acker and lease renewer may end too
         self._closing = False
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        #: Events decoded and waiting for a runner. Runners drain it in a loop: a handler that
+        #: never suspends costs no task switch per event, and one that awaits I/O lets the
+        #: other runners take the next events (at most ``concurrency`` run at once).
+        self._ready: deque[Event] = deque()
+        #: Futures of runners waiting for work (woken one per new event, see _wake_runners).
+        self._idle_runners: list[asyncio.Future[None]] = []
         self._in_flight: dict[str, _InFlight] = {}
         self._capacity = asyncio.Event()
         self._capacity.set()
@@ -418,9 +424,8 @@ class Worker:
                                    "agentstreams-retrier"):
                 task.cancel()
         # Queued but unstarted events are released: they stay pending for the others.
-        while not self._queue.empty():
-            event = self._queue.get_nowait()
-            self._release(event.msg_id)
+        while self._ready:
+            self._release(self._ready.popleft().msg_id)
         self._retry_heap.clear()
         for msg_id in [m for m, f in self._in_flight.items() if not f.running]:
             self._release(msg_id)
@@ -600,18 +605,40 @@ class Worker:
                 unhandled.append(msg_id)
                 continue
             self._in_flight[msg_id] = _InFlight(event, now)
-            self._queue.put_nowait(event)
+            self._ready.append(event)
         if self._in_flight:
             self._drained.clear()
+        self._wake_runners()
         if unhandled:
             self._enqueue_acks(unhandled)
 
     # ---------------------------------------------------------------- running handlers
 
+    def _wake_runners(self) -> None:
+        """Wake as many idle runners as there are ready events (no more: a woken runner
+        that finds nothing costs a task switch)."""
+        idle = self._idle_runners
+        for _ in range(min(len(self._ready), len(idle))):
+            future = idle.pop()
+            if not future.done():
+                future.set_result(None)
+
     async def _runner(self) -> None:
-        while True:
-            event = await self._queue.get()
-            flight = self._in_flight.get(event.msg_id)
+        ready = self._ready
+        in_flight = self._in_flight
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            if not ready:
+                future: asyncio.Future[None] = loop.create_future()
+                self._idle_runners.append(future)
+                try:
+                    await future
+                finally:
+                    if future in self._idle_runners:  # cancelled while idle
+                        self._idle_runners.remove(future)
+                continue
+            event = ready.popleft()
+            flight = in_flight.get(event.msg_id)
             if flight is None:
                 continue
             flight.running = True
