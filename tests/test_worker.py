@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +20,7 @@ from agentstreams import (
 )
 from agentstreams.runtime.dlq import DeadLetterQueue
 from agentstreams.runtime.publisher import Publisher
+from agentstreams.server import LocalServer
 from conftest import wait_for
 
 # Small knobs keep the suite quick: recovery bound = visibility + reclaim + block + handler.
@@ -522,18 +522,17 @@ async def test_idle_consumers_that_own_nothing_are_removed(
 
 
 async def test_startup_probe_warns_about_non_durable_servers(
-        redis_url: str, stream_name: str, workers: list[Worker],
-        caplog: pytest.LogCaptureFixture) -> None:
+        redis_url: str, stream_name: str, workers: list[Worker]) -> None:
     worker = make_worker(workers, redis_url, stream_name, probe_server=True)
 
     @worker.handler()
     async def handle(event: Event) -> None:
         return None
 
-    with caplog.at_level(logging.WARNING, logger="agentstreams.worker"):
-        await worker.start()
-    # Both test servers run without AOF.
-    assert any("appendonly=no" in r.getMessage() for r in caplog.records)
+    await worker.start()
+    # Both test servers run without AOF. (The log line itself is written once per process and
+    # server, so an AgentWorker with many agents does not repeat it.)
+    assert any("appendonly=no" in text for text in worker.server_warnings)
 
 
 async def test_coordinator_and_worker_share_the_wire_format(
@@ -580,3 +579,24 @@ async def test_worker_without_handlers_refuses_to_start() -> None:
     worker = Worker("redis://localhost:6379")
     with pytest.raises(InvalidArgumentError, match="handler"):
         await worker.start()
+
+
+async def test_probe_warnings_are_logged_once_per_process_and_server(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with LocalServer("valkey") as server:
+        pool = [Worker(server.url, "s", "g", f"w{i}", probe_server=True, block_ms=100)
+                for i in range(3)]
+        for worker in pool:
+            worker.add_handler(_noop)
+        with caplog.at_level("WARNING", logger="agentstreams.worker"):
+            for worker in pool:
+                await worker.start()
+            for worker in pool:
+                await worker.stop(timeout_s=2)
+    lines = [r for r in caplog.records if "appendonly=no" in r.getMessage()]
+    assert len(lines) == 1
+    assert all(any("appendonly=no" in t for t in w.server_warnings) for w in pool)
+
+
+async def _noop(event: Event) -> None:
+    return None

@@ -26,8 +26,6 @@ import contextlib
 import heapq
 import inspect
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections import deque
@@ -61,6 +59,7 @@ from agentstreams.events import Event, EventType
 from agentstreams.observe import Observer, get_observer
 from agentstreams.runtime import scripts
 from agentstreams.runtime.dlq import dead_letter, format_error
+from agentstreams.runtime.lifecycle import serve_until_stopped
 from agentstreams.runtime.streams import (
     RawEntry,
     autoclaim_all,
@@ -130,6 +129,10 @@ def _entries_fast(reply: Any) -> list[RawEntry] | None:
         if type(first_key) is not bytes:
             return None
     return out
+
+
+#: (server, warning) pairs already logged by this process: see Worker._probe_server.
+_SERVER_WARNINGS_LOGGED: set[tuple[str, str]] = set()
 
 
 @dataclass(slots=True)
@@ -268,6 +271,8 @@ class Worker:
         self._client: Redis | None = None
         self._handlers: dict[str, Handler] = {}
         self.stats = WorkerStats()
+        #: What the start-up probe found risky about the server (durability, eviction).
+        self.server_warnings: list[str] = []
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -392,20 +397,8 @@ class Worker:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Start and process events until ``stop()``, SIGTERM or SIGINT; then shut down."""
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self._stopping.set)
-                    installed.append(sig)
-        try:
-            await self.start()
-            await self._stopping.wait()
-        finally:
-            await self.stop()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+        await serve_until_stopped(self.start, self.stop, self._stopping,
+                                  install_signal_handlers=install_signal_handlers)
 
     def request_stop(self) -> None:
         """Ask the worker to stop (non-blocking; ``run()`` returns once it has)."""
@@ -472,16 +465,25 @@ class Worker:
             return
         aof = to_str(first_field(appendonly, "appendonly"))
         eviction = to_str(first_field(policy, "maxmemory-policy"))
+        warnings: list[str] = []
         if aof and aof != "yes":
-            logger.warning(
-                "the server has appendonly=%s: if it crashes, every event written since its last "
-                "snapshot is lost. Set 'appendonly yes' (appendfsync everysec or always) for "
-                "durable events.", aof, extra=self._log_extra())
+            warnings.append(
+                f"the server has appendonly={aof}: if it crashes, every event written since its "
+                "last snapshot is lost. Set 'appendonly yes' (appendfsync everysec or always) "
+                "for durable events.")
         if eviction.startswith("allkeys"):
-            logger.warning(
-                "the server's maxmemory-policy is %s: under memory pressure it may evict the "
-                "stream and its consumer groups. Use 'noeviction'.", eviction,
-                extra=self._log_extra())
+            warnings.append(
+                f"the server's maxmemory-policy is {eviction}: under memory pressure it may "
+                "evict the stream and its consumer groups. Use 'noeviction'.")
+        self.server_warnings = warnings
+        # Many workers in one process (an AgentWorker hosts one per agent) share a server:
+        # say each thing once per process and server, not once per worker.
+        kwargs = self.client.connection_pool.connection_kwargs
+        server = repr([kwargs.get(k) for k in ("host", "port", "path", "db")])
+        for text in warnings:
+            if (server, text) not in _SERVER_WARNINGS_LOGGED:
+                _SERVER_WARNINGS_LOGGED.add((server, text))
+                logger.warning("%s", text, extra=self._log_extra())
 
     # ---------------------------------------------------------------- reading
 
