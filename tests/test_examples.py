@@ -25,6 +25,10 @@ EXPECTED = {
     "retention.py": ["safe trim to 10: removed 30, 70 left", "forced trim to 10: removed 60"],
     "hooks_only.py": ["hook stats: {'published': 6, 'failed': 0, 'skipped': 0}", "tool_result"],
     "distributed_agents.py": ["last agent:   writer", "status:       completed"],
+    "metrics.py": ["agentstreams_events_acknowledged_total", "} 4.0",
+                   'agentstreams_events_dead_lettered_total{group="planners",'
+                   'reason="max_deliveries"', "agentstreams_consumer_group_pending"],
+    "tracing.py": ["one trace: True, handler is the child: True"],
 }
 
 
