@@ -15,31 +15,17 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from rich.console import Console
 
 from agentstreams.bench import BenchConfig, ServerReport, quiet_logs, run_suite
 from agentstreams.cli.bench import GROUPS, render_report, report_document
-from agentstreams.server import LocalServer
+from agentstreams.server import LocalServer, answers_ping
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REDIS7_URL = "redis://127.0.0.1:6379"
-
-
-def reachable(url: str) -> bool:
-    """True when something answers PING at ``url``."""
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379),
-                                      timeout=0.5) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,7 +58,7 @@ async def run_all(args: argparse.Namespace, console: Console) -> list[ServerRepo
                                        progress=progress("valkey")))  # type: ignore[arg-type]
     console.print(render_report(reports[-1]))
     if not args.no_redis7:
-        if reachable(args.redis7_url):
+        if answers_ping(args.redis7_url):
             reports.append(await run_suite(args.redis7_url, "redis", cfg, only=only,
                                            progress=progress("redis")))  # type: ignore[arg-type]
             console.print(render_report(reports[-1]))

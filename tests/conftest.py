@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,22 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams.coordinator import AgentCoordinator
-from agentstreams.server import LocalServer
+from agentstreams.server import LocalServer, answers_ping
 
 REDIS7_DEFAULT = "redis://127.0.0.1:6379"
-
-
-def _reachable(url: str) -> bool:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379),
-                                      timeout=0.5) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +37,7 @@ def valkey_server() -> Iterator[LocalServer]:
 def redis7_url() -> str:
     """URL of the Redis 7 server every run also covers (skips when none is reachable)."""
     url = os.environ.get("REDIS_URL", REDIS7_DEFAULT)
-    if not _reachable(url):
+    if not answers_ping(url):
         pytest.skip(f"no Redis 7 reachable at {url} (set REDIS_URL to cover it)")
     return url
 

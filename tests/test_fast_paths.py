@@ -1,8 +1,8 @@
 """The fast publish paths write exactly what the plain path writes.
 
-``publish`` (one XADD), ``publish_many`` (one script call per batch, the batch as one JSON
-argument) and coalesced concurrent ``publish`` calls must produce byte-identical entries, with
-the same validation. Real servers only; nothing here measures time.
+``publish`` (one XADD packed as RESP), ``publish_many`` (MULTI/XADD.../EXEC in one round
+trip) and coalesced concurrent ``publish`` calls must produce byte-identical entries, with the
+same validation. Real servers only; nothing here measures time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentstreams.codec import decode_entry, encode_event, encode_event_text
+from agentstreams.codec import decode_entry, encode_event, encode_event_resp
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError, SerializationError
 from agentstreams.runtime.publisher import Publisher, StreamCap
 from conftest import stream_entries
@@ -38,8 +38,25 @@ values = st.text(st.characters(blacklist_categories=["Cs"]), max_size=30) | json
 
 
 def as_text(entry: dict[bytes, bytes]) -> list[str]:
-    """``encode_event``'s entry as the flat text list ``encode_event_text`` returns."""
+    """``encode_event``'s entry as a flat ``[name, value, ...]`` text list."""
     return [part.decode() for pair in entry.items() for part in pair]
+
+
+def encode_event_text(event_type: str, fields: dict[str, Any], **kwargs: Any) -> list[str]:
+    """``encode_event_resp``'s bulk strings, parsed back into a flat text list."""
+    nargs, body = encode_event_resp(event_type, fields, **kwargs)
+    data = body.encode()
+    out: list[str] = []
+    pos = 0
+    while pos < len(data):
+        assert data[pos:pos + 1] == b"$"
+        end = data.index(b"\r\n", pos)
+        length = int(data[pos + 1:end])
+        out.append(data[end + 2:end + 2 + length].decode())
+        assert data[end + 2 + length:end + 4 + length] == b"\r\n"
+        pos = end + 4 + length
+    assert len(out) == nargs
+    return out
 
 
 @given(st.dictionaries(field_names, values, max_size=6))

@@ -33,14 +33,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import orjson
 import redis
 import redis.asyncio as aioredis
 
-from agentstreams.codec import decode_entry, encode_event_text
+from agentstreams.codec import decode_entry, encode_event_resp
 from agentstreams.coordinator import AgentCoordinator
 from agentstreams.events import Event
-from agentstreams.runtime import scripts
 from agentstreams.runtime.publisher import Publisher
 from agentstreams.runtime.worker import Worker
 
@@ -464,26 +462,32 @@ def rate_label(rate: int) -> str:
 
 def pace_publisher(url: str, stream: str, rate: int, seconds: float) -> None:
     """Publish ``rate`` events/s for ``seconds`` (a separate process), each stamped with its
-    send time: one XADD when one event is due, else one script call for all that are due."""
+    send time: the events that are due go out in one pipelined round trip of XADDs, packed
+    by the publisher's own encoder (so the entries are the ones agentstreams writes)."""
     client = redis.Redis.from_url(url)
-    sha = client.script_load(scripts.BATCH_XADD_JSON)
+    conn = client.connection_pool.get_connection()
+    head = f"$4\r\nXADD\r\n${len(stream.encode())}\r\n{stream}\r\n$1\r\n*\r\n"
     total = int(rate * seconds)
     sent = 0
     started = time.perf_counter()
-    while sent < total:
-        due = min(total, int((time.perf_counter() - started) * rate) + 1) - sent
-        if due <= 0:
-            time.sleep(max(0.0, (sent + 1) / rate - (time.perf_counter() - started)))
-            continue
-        now = time.time()
-        batch = [encode_event_text("bench", {"seq": sent + k, "timestamp": now})
-                 for k in range(due)]
-        if due == 1:
-            client.execute_command("XADD", stream, "*", *batch[0])  # type: ignore[no-untyped-call]
-        else:
-            client.evalsha(sha, 1, stream, orjson.dumps(batch))
-        sent += due
-    client.close()
+    try:
+        while sent < total:
+            due = min(total, int((time.perf_counter() - started) * rate) + 1) - sent
+            if due <= 0:
+                time.sleep(max(0.0, (sent + 1) / rate - (time.perf_counter() - started)))
+                continue
+            now = time.time()
+            parts = []
+            for k in range(due):
+                nargs, body = encode_event_resp("bench", {"seq": sent + k, "timestamp": now})
+                parts.append(f"*{3 + nargs}\r\n{head}{body}")
+            conn.send_packed_command(["".join(parts).encode()])  # type: ignore[no-untyped-call]
+            for _ in range(due):
+                conn.read_response()
+            sent += due
+    finally:
+        client.connection_pool.release(conn)
+        client.close()
 
 
 def _start_pacer(url: str, stream: str, rate: int, seconds: float

@@ -58,7 +58,6 @@ __all__ = [
     "decode_entry",
     "encode_event",
     "encode_event_resp",
-    "encode_event_text",
     "new_event_id",
     "validate_event_type",
 ]
@@ -254,87 +253,6 @@ def _text_byte_length(name: object, value: str) -> int:
         ) from exc
 
 
-def encode_event_text(
-    event_type: str | EventType,
-    fields: Mapping[str, Any],
-    *,
-    event_id: str | None = None,
-    timestamp: float | None = None,
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    traceparent: str | None = None,
-    tracestate: str | None = None,
-    stream: str | None = None,
-    type_in_fields: bool = False,
-) -> list[str]:
-    """The entry ``encode_event`` writes, as a flat ``[name, value, ...]`` list of str.
-
-    Same validation, same field order and the same UTF-8 bytes once encoded; it exists for
-    batches sent as one JSON argument (where bytes would need decoding again). With
-    ``type_in_fields``, a ``type`` key in ``fields`` is the event type and is skipped.
-    """
-    type_bytes = _encoded_type(event_type)
-    pairs = ["type", type_bytes.decode()]
-    json_names: list[str] = []
-    size = len(type_bytes) + 4
-    has_timestamp = False
-    encoded_names = _ENCODED_NAMES
-    for name, value in fields.items():
-        key = encoded_names.get(name) if type(name) is str else None
-        if key is None:
-            if type_in_fields and name == FIELD_TYPE:
-                continue
-            key = _check_field_name(name)
-            if name == FIELD_TYPE:
-                raise InvalidArgumentError("pass the event type separately, not as a 'type' "
-                                           "field")
-            if type(name) is str and len(encoded_names) < _NAME_CACHE_MAX:
-                encoded_names[name] = key
-        if name == FIELD_TIMESTAMP:
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise InvalidArgumentError(
-                    f"'timestamp' is the producer timestamp and must be a number, got {value!r}"
-                )
-            has_timestamp = True
-        if type(value) is str:
-            size += len(key) + (len(value) if value.isascii()
-                                else _text_byte_length(name, value))
-            text = value
-        else:
-            dumped = _dump_json(name, value)
-            size += len(key) + len(dumped)
-            text = dumped.decode()
-            json_names.append(name)
-        pairs.append(name)
-        pairs.append(text)
-    if not has_timestamp:
-        pairs.append(FIELD_TIMESTAMP)
-        pairs.append(repr(time.time() if timestamp is None else timestamp))
-        json_names.append(FIELD_TIMESTAMP)
-    pairs.append(FIELD_VERSION)
-    pairs.append(_FORMAT_VERSION_TEXT)
-    pairs.append(FIELD_EVENT_ID)
-    pairs.append(event_id or new_event_id())
-    if json_names:
-        pairs.append(FIELD_JSON)
-        pairs.append(",".join(json_names))
-    if traceparent:
-        pairs.append(FIELD_TRACEPARENT)
-        pairs.append(traceparent)
-        if tracestate:
-            pairs.append(FIELD_TRACESTATE)
-            pairs.append(tracestate)
-    if size > max_event_bytes:
-        raise PayloadTooLargeError(
-            f"event of type {type_bytes.decode()!r} is {size} bytes, over the "
-            f"{max_event_bytes}-byte limit; store large payloads elsewhere and publish a "
-            "reference, or raise max_event_bytes",
-            size=size,
-            limit=max_event_bytes,
-            stream=stream,
-        )
-    return pairs
-
-
 #: Validated field names as (RESP bulk-string header ``$<bytes>\r\n<name>\r\n``, UTF-8 length).
 _RESP_NAMES: dict[str, tuple[str, int]] = {}
 
@@ -380,6 +298,7 @@ def encode_event_resp(
     fields: Mapping[str, Any],
     *,
     event_id: str | None = None,
+    timestamp: float | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     traceparent: str | None = None,
     tracestate: str | None = None,
@@ -426,7 +345,7 @@ def encode_event_resp(
         parts.append(f"{cached[0]}{lengths[length] if length < 4096 else _resp_length(length)}"
                      f"{text}\r\n")
     if not has_timestamp:
-        stamp = repr(time.time())
+        stamp = repr(time.time() if timestamp is None else timestamp)
         parts.append(f"{_RESP_TIMESTAMP}{_RESP_LENGTHS[len(stamp)]}{stamp}\r\n")
         json_names.append(FIELD_TIMESTAMP)
     eid = event_id or new_event_id()

@@ -16,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit
 
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError
 
-__all__ = ["LocalServer", "ServerStartError", "find_free_port", "valkey_binary"]
+__all__ = ["LocalServer", "ServerStartError", "answers_ping", "find_free_port", "valkey_binary"]
 
 #: How long a fresh server may take to answer PING.
 STARTUP_TIMEOUT_S = 15.0
@@ -34,6 +35,24 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ping(host: str, port: int, accept: tuple[bytes, ...], timeout_s: float = 0.5) -> bool:
+    """Send a raw PING (no client library, no retries) and check the reply's start."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(accept)
+    except OSError:
+        return False
+
+
+def answers_ping(url: str, timeout_s: float = 0.5) -> bool:
+    """True when a server listens at a ``redis://`` URL: it answers PING, or asks for
+    credentials (it is there; the client that connects next authenticates)."""
+    parts = urlsplit(url)
+    return _ping(parts.hostname or "127.0.0.1", parts.port or 6379, (b"+PONG", b"-NOAUTH"),
+                 timeout_s)
 
 
 def valkey_binary() -> str:
@@ -140,12 +159,7 @@ class LocalServer:
 
     def ping(self) -> bool:
         """True when the server answers PING (and has finished loading its data)."""
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+        return _ping(self.host, self.port, (b"+PONG",))
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the server log."""

@@ -15,7 +15,6 @@ connection drops before ``EXEC``, none of it), and per event the server does a p
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,8 +44,6 @@ _EXEC = "*1\r\n$4\r\nEXEC\r\n"
 def _bulk(text: str) -> str:
     return f"${len(text.encode())}\r\n{text}\r\n"
 
-#: ``[(k, v), ...]`` -> ``k, v, ...`` at C speed (the plain XADD path is latency-critical).
-_flatten = itertools.chain.from_iterable
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +98,6 @@ class Publisher:
         self.idempotency_window_s = idempotency_window_s
         self._cap_args: list[str | int] = cap.args() if cap and cap.kind == "maxlen" else []
         self._idempotent = client.register_script(scripts.IDEMPOTENT_XADD)
-        self._batch = client.register_script(scripts.BATCH_XADD)
         #: RESP of the stream key, for the pipelined batches
         self._key_resp = _bulk(stream)
         #: Coalesce concurrent ``publish`` calls into one round trip (see the module docstring).
@@ -348,21 +344,4 @@ class Publisher:
         ids: list[str] = []
         for start in range(0, len(encoded), MAX_BATCH):
             ids.extend(await self._send_text_batch(encoded[start:start + MAX_BATCH]))
-        return ids
-
-    async def publish_encoded(self, entries: Sequence[Mapping[bytes, bytes]]) -> list[str]:
-        """Send already-encoded entries in as few script calls as possible."""
-        ids: list[str] = []
-        cap = self._current_cap_args()
-        for start in range(0, len(entries), MAX_BATCH):
-            args: list[Any] = [len(cap), *cap]
-            for entry in entries[start:start + MAX_BATCH]:
-                args.append(len(entry) * 2)
-                args.extend(entry_to_pairs(entry))
-            try:
-                reply = await self._batch(keys=[self.stream], args=args)
-            except (redis_exc.RedisError, OSError) as exc:
-                raise self._fail(exc) from exc
-            ids.extend(to_str(x) for x in reply)
-        get_observer().on_published(self.stream, len(entries))
         return ids

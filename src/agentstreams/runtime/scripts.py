@@ -47,46 +47,7 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return {1, id}
 """
 
-#: Publish a batch in one call. KEYS: stream. ARGV: n cap args, cap args..., then for each entry
-#: its field count followed by its field/value pairs. Returns the ids in order.
-BATCH_XADD: Final = """
-local ncap = tonumber(ARGV[1])
-local head = {KEYS[1]}
-for i = 2, 1 + ncap do head[#head + 1] = ARGV[i] end
-head[#head + 1] = '*'
-local nhead = #head
-local ids = {}
-local i = 2 + ncap
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local args = {}
-  for j = 1, nhead do args[j] = head[j] end
-  for j = 1, n do args[nhead + j] = ARGV[i + j] end
-  ids[#ids + 1] = redis.call('XADD', unpack(args))
-  i = i + n + 1
-end
-return ids
-"""
 
-#: Publish a batch in one call, fed as ONE JSON argument: packing one big argument is cheap for
-#: the client, where thousands of small ones are not. KEYS: stream. ARGV: a JSON array of
-#: entries, each a flat array of field/value strings; then the cap args (none, or 3).
-#: Returns the ids in order. The strings arrive byte for byte (JSON escapes decode exactly).
-BATCH_XADD_JSON: Final = """
-local batch = cjson.decode(ARGV[1])
-local key = KEYS[1]
-local ids = {}
-if #ARGV == 4 then
-  for i = 1, #batch do
-    ids[i] = redis.call('XADD', key, ARGV[2], ARGV[3], ARGV[4], '*', unpack(batch[i]))
-  end
-else
-  for i = 1, #batch do
-    ids[i] = redis.call('XADD', key, '*', unpack(batch[i]))
-  end
-end
-return ids
-"""
 
 #: Id of the oldest entry that MAXLEN ``n`` keeps, or nil when nothing would be removed.
 #: KEYS: stream. ARGV: n. Returns '+' when n is 0 (remove everything).
