@@ -476,6 +476,43 @@ async def test_worker_reconnects_after_client_kill(
     await wait_for(lambda: _pending_is(raw, stream_name, 0))
 
 
+async def test_reconnect_does_not_rerun_handled_events_whose_ack_is_unsent(
+        redis_url: str, raw: aioredis.Redis, stream_name: str, publisher: Publisher,
+        workers: list[Worker]) -> None:
+    """After a reconnect the worker re-reads its pending entries; one whose handler already
+    finished but whose XACK has not gone through yet must not run a second time."""
+    worker = make_worker(workers, redis_url, stream_name, consumer_name="slow-acker")
+    seen: list[int] = []
+
+    @worker.handler()
+    async def handle(event: Event) -> None:
+        seen.append(event["n"])
+
+    await worker.start()
+    gate = asyncio.Event()
+    xack = worker.client.xack
+
+    async def held_xack(*args: Any) -> Any:
+        await gate.wait()
+        return await xack(*args)
+
+    worker.client.xack = held_xack  # type: ignore[method-assign,assignment]
+    try:
+        await publisher.publish("task", {"n": 0})
+        await wait_for(counter_reaches(lambda: len(seen), 1))
+        assert await pending_count(raw, stream_name) == 1  # handled, not yet acknowledged
+        await raw.client_kill_filter(_type="normal", skipme=True)
+        await wait_for(counter_reaches(lambda: worker.stats.reconnects, 1),
+                           message="reader reconnect")
+        await publisher.publish("task", {"n": 1})
+        await wait_for(counter_reaches(lambda: len(seen), 2), message="delivery after reconnect")
+    finally:
+        gate.set()
+    await wait_for(lambda: _pending_is(raw, stream_name, 0))
+    assert seen == [0, 1]
+    assert worker.stats.acked == 2
+
+
 async def test_group_destroyed_under_the_worker_is_recreated(
         redis_url: str, raw: aioredis.Redis, stream_name: str, publisher: Publisher,
         workers: list[Worker]) -> None:

@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
@@ -290,6 +290,10 @@ class Worker:
         self._drained = asyncio.Event()
         self._drained.set()
         self._ack_pending: list[str] = []
+        #: ids acknowledged while a re-read of pending entries (or a reclaim) was in flight;
+        #: such a read may still return them, and they must not run twice (see _settled_ids)
+        self._acked_while_reading: set[str] = set()
+        self._rereads = 0
         self._ack_wakeup = asyncio.Event()
         self._ack_lock = asyncio.Lock()
         self._retry_heap: list[tuple[float, int, str]] = []
@@ -518,13 +522,15 @@ class Worker:
                 free = await self._wait_for_capacity(batch=True)
                 count = min(free, self.read_count)
                 if pending_cursor is not None:
-                    entries = await self._xreadgroup(pending_cursor, count, None)
-                    if not entries:
-                        pending_cursor = None
-                        continue
-                    pending_cursor = entries[-1][0]
-                    counts = await delivery_counts(self.client, self.stream, self.group,
-                                                   [e[0] for e in entries], self.consumer)
+                    with self._rereading():
+                        entries = await self._xreadgroup(pending_cursor, count, None)
+                        if not entries:
+                            pending_cursor = None
+                            continue
+                        pending_cursor = entries[-1][0]
+                        entries = self._drop_settled(entries)
+                        counts = await delivery_counts(self.client, self.stream, self.group,
+                                                       [e[0] for e in entries], self.consumer)
                     await self._accept(entries, counts)
                 else:
                     self.ready.set()
@@ -556,6 +562,28 @@ class Worker:
                 logger.exception("unexpected error in the read loop; continuing",
                                  extra=self._log_extra())
                 await asyncio.sleep(backoff.next_delay())
+
+    @contextlib.contextmanager
+    def _rereading(self) -> Iterator[None]:
+        """Record acknowledgements made while entries we may already hold are re-read."""
+        self._rereads += 1
+        try:
+            yield
+        finally:
+            self._rereads -= 1
+            if not self._rereads:
+                self._acked_while_reading.clear()
+
+    def _drop_settled(self, entries: Sequence[RawEntry]) -> list[RawEntry]:
+        """Leave out re-read entries this worker already holds, handled or not.
+
+        After a lost connection the pending list still names entries whose handler finished
+        but whose XACK has not gone through yet (or went through after the read was served).
+        Running them again would be a silent duplicate.
+        """
+        settled = self._acked_while_reading.union(self._ack_pending)
+        in_flight = self._in_flight
+        return [e for e in entries if e[0] not in in_flight and e[0] not in settled]
 
     async def _xreadgroup(self, start_id: str, count: int,
                           block_ms: int | None) -> list[RawEntry]:
@@ -792,6 +820,8 @@ class Worker:
                     return
                 raise
             del self._ack_pending[:len(batch)]
+            if self._rereads:
+                self._acked_while_reading.update(batch)
             self.stats.acked += len(batch)
             self._obs().on_acked(self.stream, self.group, len(batch))
 
@@ -878,15 +908,18 @@ class Worker:
 
     async def _reclaim_once(self) -> int:
         free = await self._wait_for_capacity()
-        claimed, deleted = await autoclaim_all(
-            self.client, self.stream, self.group, self.consumer,
-            min_idle_ms=self.visibility_timeout_ms, count=min(free, 100), limit=free)
-        if deleted:
-            self.stats.lost += len(deleted)
-            self._obs().on_lost(self.stream, self.group, len(deleted))
-        if not claimed:
+        with self._rereading():
+            claimed, deleted = await autoclaim_all(
+                self.client, self.stream, self.group, self.consumer,
+                min_idle_ms=self.visibility_timeout_ms, count=min(free, 100), limit=free)
+            if deleted:
+                self.stats.lost += len(deleted)
+                self._obs().on_lost(self.stream, self.group, len(deleted))
+            if not claimed:
+                return 0
+            fresh = self._drop_settled(claimed)
+        if not fresh:
             return 0
-        fresh = [e for e in claimed if e[0] not in self._in_flight]
         self.stats.claimed += len(fresh)
         self._obs().on_claimed(self.stream, self.group, len(fresh))
         logger.info("claimed %d entries idle for over %d ms", len(fresh),
