@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams import (
+    AgentStreamsError,
     BackpressureError,
     ConnectionLostError,
     InvalidArgumentError,
@@ -102,6 +103,28 @@ async def test_publish_many_rejects_bad_batches_before_sending(
     with pytest.raises(InvalidArgumentError, match=message):
         await Publisher(client, stream_name).publish_many(events)
     assert await raw.xlen(stream_name) == 0
+
+
+@pytest.mark.parametrize("bad", [
+    {"type": "t", "f": {1, 2}},                      # not JSON-representable
+    {"type": "t", "_reserved": 1},                    # reserved field name
+    {"type": "t", "big": "x" * 2_000_000},            # over the size limit
+])
+@pytest.mark.parametrize("position", [0, 63, 64, 65, 400, 999])
+async def test_publish_many_late_bad_event_publishes_nothing(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str, bad: dict[str, Any],
+        position: int) -> None:
+    """Batches are written while they are encoded: a bad event found after the first XADDs
+    went out must still leave the stream untouched, and the publisher usable."""
+    publisher = Publisher(client, stream_name)
+    events: list[dict[str, Any]] = [{"type": "t", "i": i} for i in range(1000)]
+    events[position] = bad
+    with pytest.raises(AgentStreamsError, match="set|_reserved|over the"):
+        await publisher.publish_many(events)
+    assert await raw.xlen(stream_name) == 0
+    assert await raw.exists(stream_name) == 0
+    ids = await publisher.publish_many([{"type": "t", "i": i} for i in range(100)])
+    assert ids == await stream_ids(raw, stream_name)
 
 
 # --------------------------------------------------------------------------- caps

@@ -63,7 +63,7 @@ def tracing_available() -> bool:
 
 def current_trace_headers() -> tuple[str | None, str | None]:
     """(traceparent, tracestate) of the active span, or (None, None) when there is none."""
-    if not _AVAILABLE:
+    if not _AVAILABLE or not _otel_context.get_current():  # empty context: no span to carry
         return None, None
     span = _otel_trace.get_current_span()
     if not span.get_span_context().is_valid:

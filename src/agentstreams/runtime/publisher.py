@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.exceptions as redis_exc
 
-from agentstreams.codec import encode_event, encode_event_resp, entry_to_pairs
+from agentstreams.codec import encode_event, encode_resp, entry_to_pairs
 from agentstreams.connection import Redis, translate_error
 from agentstreams.constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
-from agentstreams.errors import InvalidArgumentError, PublishTimeoutError
+from agentstreams.errors import AgentStreamsError, InvalidArgumentError, PublishTimeoutError
 from agentstreams.events import EventType
 from agentstreams.observe import get_observer
 from agentstreams.runtime import scripts
@@ -37,6 +37,9 @@ __all__ = ["Publisher", "StreamCap"]
 #: Largest batch sent in one round trip; bigger batches are split.
 MAX_BATCH = 1000
 
+#: Events encoded per write when a batch is streamed into its transaction.
+_STREAM_CHUNK = 64
+
 _MULTI = "*1\r\n$5\r\nMULTI\r\n"
 _EXEC = "*1\r\n$4\r\nEXEC\r\n"
 
@@ -44,6 +47,44 @@ _EXEC = "*1\r\n$4\r\nEXEC\r\n"
 def _bulk(text: str) -> str:
     return f"${len(text.encode())}\r\n{text}\r\n"
 
+
+
+try:  # what redis-py's hiredis reader returns while a reply is incomplete
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # pragma: no cover - another redis-py layout: per-reply reads instead
+    _NOT_ENOUGH_DATA = None
+
+
+async def _read_replies(conn: Any, count: int) -> list[Any]:
+    """Read ``count`` replies from a connection; error replies are returned, not raised.
+
+    With hiredis, replies already received are taken straight from its reader (one C call
+    each) and the socket is read only when the reader runs dry: the parser's per-reply
+    coroutine would cost more than the XADD behind each reply. Otherwise, one
+    ``read_response`` per reply.
+    """
+    parser: Any = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if reader is None or _NOT_ENOUGH_DATA is None or not hasattr(parser, "read_from_socket"):
+        read = conn.read_response if parser is None else parser.read_response
+        return [await read() for _ in range(count)]
+    if not getattr(parser, "_connected", True):
+        raise redis_exc.ConnectionError("Connection closed by server.")
+    push_type = getattr(parser, "_hiredis_PushNotificationType", None)
+    gets = reader.gets
+    replies: list[Any] = []
+    append = replies.append
+    while len(replies) < count:
+        reply = gets()
+        if reply is _NOT_ENOUGH_DATA:
+            await parser.read_from_socket()
+        elif isinstance(reply, redis_exc.ConnectionError):
+            raise reply
+        elif push_type is not None and isinstance(reply, push_type):
+            await parser.handle_push_response(reply)  # RESP3 out-of-band message
+        else:
+            append(reply)
+    return replies
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +141,7 @@ class Publisher:
         self._idempotent = client.register_script(scripts.IDEMPOTENT_XADD)
         #: RESP of the stream key, for the pipelined batches
         self._key_resp = _bulk(stream)
+        self._head: tuple[str, int] | None = None
         #: Coalesce concurrent ``publish`` calls into one round trip (see the module docstring).
         self.coalesce = coalesce
         #: True while a round trip of this publisher's (a plain XADD or a flush) is in flight.
@@ -144,23 +186,25 @@ class Publisher:
         if traceparent is None:
             traceparent, tracestate = current_trace_headers()
         if idempotency_key is None and self._busy and self.coalesce:
-            return await self._publish_coalesced(event_type, fields, event_id, traceparent,
-                                                 tracestate)
+            # Queue for the next round trip (see the module docstring) and wait for the id.
+            text = encode_resp(event_type, fields, False, self.max_event_bytes, event_id, None,
+                               traceparent, tracestate, self.stream)
+            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._waiting.append((text, future))  # the round trip in flight flushes it after
+            return await future
         if idempotency_key is not None:
             entry = encode_event(event_type, fields, event_id=event_id,
                                  max_event_bytes=self.max_event_bytes, traceparent=traceparent,
                                  tracestate=tracestate, stream=self.stream)
             return await self._publish_idempotent(entry, idempotency_key)
-        nargs, body = encode_event_resp(event_type, fields, event_id=event_id,
-                                        max_event_bytes=self.max_event_bytes,
-                                        traceparent=traceparent, tracestate=tracestate,
-                                        stream=self.stream)
+        nargs, body = encode_resp(event_type, fields, False, self.max_event_bytes, event_id,
+                                  None, traceparent, tracestate, self.stream)
         head, base = self._xadd_head()
         self._busy = True
         try:
             # Packed by us in one encode: redis-py's per-argument packing costs more than the
             # rest of a publish (the entry carries three metadata fields on top of the user's).
-            (msg_id,) = await self._exchange(f"*{base + nargs}\r\n{head}{body}".encode(), 1)
+            (msg_id,) = await self._exchange((f"*{base + nargs}\r\n{head}{body}".encode(),), 1)
             if isinstance(msg_id, Exception):
                 raise msg_id
         except (redis_exc.RedisError, OSError) as exc:
@@ -174,23 +218,14 @@ class Publisher:
 
     def _xadd_head(self) -> tuple[str, int]:
         """RESP of ``XADD <stream> [cap] *`` and its argument count."""
+        if self._head is not None:
+            return self._head
         cap = self._current_cap_args()
         head = "$4\r\nXADD\r\n" + self._key_resp + "".join(_bulk(str(a)) for a in cap) \
             + "$1\r\n*\r\n"
+        if self.cap is None or self.cap.kind == "maxlen":  # a MINID bound moves with the clock
+            self._head = (head, 3 + len(cap))
         return head, 3 + len(cap)
-
-    async def _publish_coalesced(self, event_type: str | EventType, fields: Mapping[str, Any],
-                                 event_id: str | None, traceparent: str | None,
-                                 tracestate: str | None) -> str:
-        """Queue one event for the next round trip and wait for its id."""
-        text = encode_event_resp(event_type, fields, event_id=event_id,
-                                 max_event_bytes=self.max_event_bytes, traceparent=traceparent,
-                                 tracestate=tracestate, stream=self.stream)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiting.append((text, future))
-        if not self._busy:  # the round trip we queued behind ended meanwhile
-            self._start_flusher()
-        return await future
 
     def _start_flusher(self) -> None:
         self._busy = True
@@ -238,23 +273,40 @@ class Publisher:
         for nargs, body in entries:
             parts.append(f"*{base + nargs}\r\n{head}{body}")
         parts.append(_EXEC)
+        return await self._send_transaction(["".join(parts).encode()], len(entries))
+
+    async def _send_transaction(self, pieces: Iterable[bytes], commands: int) -> list[str]:
+        """Run a transaction of ``commands`` XADDs written as ``pieces``; returns the ids."""
         try:
-            reply = await self._transaction("".join(parts).encode(), len(entries))
+            reply = await self._transaction(pieces, commands)
         except (redis_exc.RedisError, OSError) as exc:
             raise self._fail(exc) from exc
-        get_observer().on_published(self.stream, len(entries))
+        get_observer().on_published(self.stream, commands)
         return [to_str(x) for x in reply]
 
-    async def _transaction(self, payload: bytes, commands: int) -> list[Any]:
-        """Send ``MULTI``, ``commands`` commands and ``EXEC`` (packed in ``payload``) on a pooled
-        connection; return EXEC's reply, or raise the first error the server gave.
+    def _streamed_batch(self, events: Sequence[Mapping[str, Any]], traceparent: str | None,
+                        tracestate: str | None) -> Iterator[bytes]:
+        """``MULTI``, one XADD per event and ``EXEC`` as RESP, encoded a chunk at a time.
 
-        The replies are read straight from the connection's parser under ONE timeout for the
-        batch: redis-py's per-reply ``read_response`` (a timeout context and more per call)
-        would cost more than the XADDs themselves. A connection whose replies were not all read
-        is disconnected, so no reply is ever left for the next user of the connection.
+        Written while the rest is still being encoded, the first XADDs are parsed and queued by
+        the server meanwhile. An event that fails validation raises here before ``EXEC`` is
+        written; the connection is then dropped, which discards the transaction.
         """
-        replies = await self._exchange(payload, commands + 2)
+        head, base = self._xadd_head()
+        parts = [_MULTI]
+        for index, event in enumerate(events):
+            nargs, body = self._encode_item(index, event, traceparent, tracestate)
+            parts.append(f"*{base + nargs}\r\n{head}{body}")
+            if len(parts) >= _STREAM_CHUNK:
+                yield "".join(parts).encode()
+                parts = []
+        parts.append(_EXEC)
+        yield "".join(parts).encode()
+
+    async def _transaction(self, pieces: Iterable[bytes], commands: int) -> list[Any]:
+        """Send ``MULTI``, ``commands`` commands and ``EXEC`` (packed in ``pieces``) on a pooled
+        connection; return EXEC's reply, or raise the first error the server gave."""
+        replies = await self._exchange(pieces, commands + 2)
         for reply in replies[:-1]:  # +OK, then +QUEUED or the error that aborts the EXEC
             if isinstance(reply, Exception):
                 raise reply
@@ -268,26 +320,30 @@ class Publisher:
                 raise item
         return result
 
-    async def _exchange(self, payload: bytes, count: int) -> list[Any]:
-        """Send packed commands on a pooled connection and read ``count`` replies (error
+    async def _exchange(self, pieces: Iterable[bytes], count: int) -> list[Any]:
+        """Write packed commands on a pooled connection and read ``count`` replies (error
         replies are returned as exception objects, not raised).
 
-        The replies are read straight from the connection's parser under ONE timeout: redis-py's
-        per-reply ``read_response`` (a timeout context and more per call) costs more than an
-        XADD. A connection whose replies were not all read is disconnected, so no reply is ever
-        left for its next user.
+        ``pieces`` may be produced lazily (see ``_streamed_batch``); if producing them raises
+        once something was written, the connection is dropped with whatever it had open. The
+        replies are read under ONE timeout (see ``_read_replies``). A connection whose replies
+        were not all read is disconnected, so no reply is ever left for its next user.
         """
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        written = False
         try:
-            await conn.send_packed_command(payload)
-            parser = getattr(conn, "_parser", None)
-            read = parser.read_response if parser is not None else conn.read_response
-            replies: list[Any] = []
+            try:
+                for piece in pieces:
+                    await conn.send_packed_command(piece, not written)
+                    written = True
+            except AgentStreamsError:
+                if written:
+                    await conn.disconnect(nowait=True)
+                raise
             try:
                 async with asyncio.timeout(conn.socket_timeout):
-                    for _ in range(count):
-                        replies.append(await read())
+                    replies = await _read_replies(conn, count)
             except TimeoutError:
                 await conn.disconnect(nowait=True)
                 raise redis_exc.TimeoutError("Timeout reading a batch's replies") from None
@@ -322,26 +378,35 @@ class Publisher:
         return to_str(reply[1])
 
     async def publish_many(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Append many events in one round trip (per 1,000); returns their ids in order.
+        """Append many events atomically, in one round trip per 1,000; returns their ids in
+        order.
 
         Each mapping holds a ``type`` and the event's fields. Everything is validated before
-        anything is sent, so one bad event publishes nothing.
+        anything is written, so one bad event publishes nothing.
         """
         if isinstance(events, Mapping | str | bytes):
             raise InvalidArgumentError("publish_many takes a list of event mappings")
-        encoded: list[tuple[int, str]] = []
+        events = events if isinstance(events, list | tuple) else list(events)
+        if not events:
+            return []
         traceparent, tracestate = current_trace_headers()
-        max_event_bytes = self.max_event_bytes
-        for index, event in enumerate(events):
-            if type(event) is not dict and not isinstance(event, Mapping):  # dict: no ABC check
-                raise InvalidArgumentError(f"event #{index} is a {type(event).__name__}, "
-                                           "not a mapping")
-            if "type" not in event:
-                raise InvalidArgumentError(f"event #{index} has no 'type'")
-            encoded.append(encode_event_resp(
-                event["type"], event, max_event_bytes=max_event_bytes, traceparent=traceparent,
-                tracestate=tracestate, stream=self.stream, type_in_fields=True))
+        if len(events) <= MAX_BATCH:
+            return await self._send_transaction(
+                self._streamed_batch(events, traceparent, tracestate), len(events))
+        encoded = [self._encode_item(index, event, traceparent, tracestate)
+                   for index, event in enumerate(events)]
         ids: list[str] = []
         for start in range(0, len(encoded), MAX_BATCH):
             ids.extend(await self._send_text_batch(encoded[start:start + MAX_BATCH]))
         return ids
+
+    def _encode_item(self, index: int, event: Mapping[str, Any], traceparent: str | None,
+                     tracestate: str | None) -> tuple[int, str]:
+        """Validate and encode the ``index``-th mapping given to ``publish_many``."""
+        if type(event) is not dict and not isinstance(event, Mapping):  # dict: no ABC check
+            raise InvalidArgumentError(f"event #{index} is a {type(event).__name__}, "
+                                       "not a mapping")
+        if "type" not in event:
+            raise InvalidArgumentError(f"event #{index} has no 'type'")
+        return encode_resp(event["type"], event, True, self.max_event_bytes, None, None,
+                           traceparent, tracestate, self.stream)
