@@ -223,7 +223,9 @@ class AgentCoordinator:
     async def publish(self, event_type: str | EventType, fields: Mapping[str, Any] | None = None,
                       *, idempotency_key: str | None = None) -> str:
         """Publish any event type with any JSON-representable fields; returns the stream id."""
-        publisher = await self._get_publisher()
+        publisher = self._publisher if self._initialized else None
+        if publisher is None:
+            publisher = await self._get_publisher()
         return await publisher.publish(event_type, fields or {}, idempotency_key=idempotency_key)
 
     async def publish_many(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
