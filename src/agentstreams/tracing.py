@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from agentstreams.events import Event
 
-__all__ = ["current_trace_headers", "handler_span", "tracing_available"]
+__all__ = ["NO_SPAN", "current_trace_headers", "handler_span", "tracing_available"]
 
 try:
     from opentelemetry import context as _otel_context
@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 _TRACER_NAME = "agentstreams"
 #: Returned by ``handler_span`` when there is nothing to trace (reusable: it holds no state).
 _NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
+#: What ``handler_span`` returns when there is nothing to trace (callers may skip the ``with``).
+NO_SPAN = _NO_SPAN
 #: Set once a real tracer provider is seen (OpenTelemetry lets it be set only once).
 _provider_seen = False
 _MISSING = object()

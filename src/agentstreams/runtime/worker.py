@@ -70,7 +70,7 @@ from agentstreams.runtime.streams import (
     to_str,
     validate_name,
 )
-from agentstreams.tracing import handler_span
+from agentstreams.tracing import NO_SPAN, handler_span
 
 __all__ = ["Handler", "Worker", "WorkerStats"]
 
@@ -629,7 +629,7 @@ class Worker:
                 await self._dead_letter(msg_id, fields, DLQ_REASON_MALFORMED, exc.reason,
                                         deliveries)
                 continue
-            if event.type not in self._handlers and _ANY not in self._handlers:
+            if event.data["type"] not in self._handlers and _ANY not in self._handlers:
                 self.stats.unhandled += 1
                 self._obs().on_unhandled(self.stream, self.group, event.type)
                 unhandled.append(msg_id)
@@ -675,15 +675,20 @@ class Worker:
             await self._run_one(event)
 
     async def _run_one(self, event: Event) -> None:
-        handler = self._handlers.get(event.type) or self._handlers[_ANY]
+        event_type: str = event.data["type"]  # a non-empty str: decode_entry checked it
+        handler = self._handlers.get(event_type) or self._handlers[_ANY]
+        span = handler_span(event, group=self.group, consumer=self.consumer)
         started = time.perf_counter()
         error: BaseException | None = None
         try:
-            with handler_span(event, group=self.group, consumer=self.consumer):
-                if self.handler_timeout_s is None:
-                    await handler(event)
-                else:
-                    await asyncio.wait_for(handler(event), self.handler_timeout_s)
+            if span is NO_SPAN and self.handler_timeout_s is None:
+                await handler(event)  # the common case, without a context manager around it
+            else:
+                with span:
+                    if self.handler_timeout_s is None:
+                        await handler(event)
+                    else:
+                        await asyncio.wait_for(handler(event), self.handler_timeout_s)
         except asyncio.CancelledError:
             # Shutdown deadline passed: leave the entry pending for another consumer.
             self._release(event.msg_id)
@@ -696,7 +701,7 @@ class Worker:
             average + HANDLER_TIME_EWMA * (duration - average))
         observer = self._obs()
         if type(observer) is not Observer:  # the base class does nothing: skip the call
-            observer.on_handler_done(self.stream, self.group, event.type, duration,
+            observer.on_handler_done(self.stream, self.group, event_type, duration,
                                      error is None)
         if error is None:
             self.stats.succeeded += 1
