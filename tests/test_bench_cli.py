@@ -19,6 +19,7 @@ from agentstreams.bench import BenchConfig
 from agentstreams.server import LocalServer
 
 AGENTSTREAMS = str(Path(sys.executable).with_name("agentstreams"))
+TABLES = Path(__file__).resolve().parents[1] / "benchmarks" / "tables.py"
 
 EXPECTED = {
     "redis_py_xadd", "reference_publish", "publish",
@@ -63,6 +64,13 @@ def test_bench_tiny_runs_every_scenario_and_cleans_up(valkey_server: LocalServer
     # Every key the run wrote is gone.
     after = set(redis.Redis.from_url(valkey_server.url).keys("agentstreams-bench:*"))
     assert after <= before
+    # benchmarks/tables.py turns the same document into the Markdown the docs show.
+    tables = subprocess.run([sys.executable, str(TABLES), "-"], input=result.stdout,
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = tables.splitlines()
+    assert lines[0] == f"**{server['server']} {server['version']}**"
+    assert sum(line.startswith("| `") for line in lines) == len(EXPECTED)
+    assert f"| `worker_consume` | {rows['worker_consume']['events_per_s']:,.0f} |" in tables
 
 
 @pytest.mark.parametrize("args", [["--mode", "forever"], ["--only", "nothing"]])

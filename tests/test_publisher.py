@@ -119,7 +119,7 @@ async def test_publish_many_late_bad_event_publishes_nothing(
     publisher = Publisher(client, stream_name)
     events: list[dict[str, Any]] = [{"type": "t", "i": i} for i in range(1000)]
     events[position] = bad
-    with pytest.raises(AgentStreamsError, match="set|_reserved|over the"):
+    with pytest.raises(AgentStreamsError, match=r"set|_reserved|over the"):
         await publisher.publish_many(events)
     assert await raw.xlen(stream_name) == 0
     assert await raw.exists(stream_name) == 0
