@@ -127,6 +127,27 @@ async def test_publish_many_late_bad_event_publishes_nothing(
     assert ids == await stream_ids(raw, stream_name)
 
 
+class _BrokenMapping(dict[str, Any]):
+    """A mapping that fails while being read (any exception, not only ours)."""
+
+    def items(self) -> Any:
+        raise RuntimeError("cannot read this event")
+
+
+async def test_publish_many_unexpected_error_mid_batch_discards_the_transaction(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    publisher = Publisher(client, stream_name)
+    events: list[dict[str, Any]] = [{"type": "t", "i": i} for i in range(300)]
+    events[200] = _BrokenMapping(type="t")
+    with pytest.raises(RuntimeError, match="cannot read"):
+        await publisher.publish_many(events)
+    assert await raw.exists(stream_name) == 0
+    for _ in range(3):  # every pooled connection is clean (no MULTI left open)
+        ids = await publisher.publish_many([{"type": "t"}, {"type": "u"}])
+        assert len(ids) == 2
+    assert await raw.xlen(stream_name) == 6
+
+
 # --------------------------------------------------------------------------- caps
 
 

@@ -25,7 +25,7 @@ import redis.exceptions as redis_exc
 from agentstreams.codec import encode_event, encode_resp, entry_to_pairs
 from agentstreams.connection import Redis, translate_error
 from agentstreams.constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
-from agentstreams.errors import AgentStreamsError, InvalidArgumentError, PublishTimeoutError
+from agentstreams.errors import InvalidArgumentError, PublishTimeoutError
 from agentstreams.events import EventType
 from agentstreams.observe import get_observer
 from agentstreams.runtime import scripts
@@ -337,8 +337,8 @@ class Publisher:
                 for piece in pieces:
                     await conn.send_packed_command(piece, not written)
                     written = True
-            except AgentStreamsError:
-                if written:
+            except BaseException:
+                if written:  # an open MULTI must not go back to the pool
                     await conn.disconnect(nowait=True)
                 raise
             try:
