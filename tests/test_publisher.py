@@ -119,8 +119,9 @@ async def test_publish_many_late_bad_event_publishes_nothing(
     publisher = Publisher(client, stream_name)
     events: list[dict[str, Any]] = [{"type": "t", "i": i} for i in range(1000)]
     events[position] = bad
-    with pytest.raises(AgentStreamsError, match=r"set|_reserved|over the"):
+    with pytest.raises(AgentStreamsError, match=r"set|_reserved|over the") as raised:
         await publisher.publish_many(events)
+    assert f"in event #{position} of the batch" in "".join(raised.value.__notes__)
     assert await raw.xlen(stream_name) == 0
     assert await raw.exists(stream_name) == 0
     ids = await publisher.publish_many([{"type": "t", "i": i} for i in range(100)])

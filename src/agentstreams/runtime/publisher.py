@@ -25,7 +25,7 @@ import redis.exceptions as redis_exc
 from agentstreams.codec import encode_event, encode_resp, entry_to_pairs
 from agentstreams.connection import Redis, translate_error
 from agentstreams.constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
-from agentstreams.errors import InvalidArgumentError, PublishTimeoutError
+from agentstreams.errors import AgentStreamsError, InvalidArgumentError, PublishTimeoutError
 from agentstreams.events import EventType
 from agentstreams.observe import get_observer
 from agentstreams.runtime import scripts
@@ -408,5 +408,9 @@ class Publisher:
                                        "not a mapping")
         if "type" not in event:
             raise InvalidArgumentError(f"event #{index} has no 'type'")
-        return encode_resp(event["type"], event, True, self.max_event_bytes, None, None,
-                           traceparent, tracestate, self.stream)
+        try:
+            return encode_resp(event["type"], event, True, self.max_event_bytes, None, None,
+                               traceparent, tracestate, self.stream)
+        except AgentStreamsError as exc:
+            exc.add_note(f"in event #{index} of the batch given to publish_many")
+            raise
