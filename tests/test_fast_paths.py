@@ -142,16 +142,17 @@ async def test_concurrent_publishes_are_coalesced_into_batches(raw: aioredis.Red
                                                                stream_name: str) -> None:
     publisher = Publisher(raw, stream_name)
     batches: list[int] = []
-    send = publisher._send_text_batch
+    write = publisher._write_waiting
 
-    async def counting_send(entries: Any) -> list[str]:
-        batches.append(len(entries))
-        return await send(entries)
+    def counting_write() -> None:
+        write()
+        batches.append(len(publisher._in_flight[-1]))
 
-    publisher._send_text_batch = counting_send  # type: ignore[method-assign]
+    publisher._write_waiting = counting_write  # type: ignore[method-assign]
     ids = await asyncio.gather(*(publisher.publish("t", {"n": n}) for n in range(200)))
     assert len(set(ids)) == 200
     assert sum(batches) == 199  # the first one went out alone, as a plain XADD
+    assert len(batches) < 199
     entries = await stream_entries(raw, stream_name)
     by_id = {msg_id: decode_entry(msg_id, fields, stream=stream_name)["n"]
              for msg_id, fields in entries}
@@ -159,6 +160,44 @@ async def test_concurrent_publishes_are_coalesced_into_batches(raw: aioredis.Red
     # Idle again: the next publish takes the plain path.
     await publisher.publish("t", {"n": 200})
     assert sum(batches) == 199
+
+
+async def test_callers_publishing_in_loops_are_pipelined(raw: aioredis.Redis,
+                                                         stream_name: str) -> None:
+    """Batches are written while earlier ones are still in flight, and every caller gets the
+    id of its own event."""
+    publisher = Publisher(raw, stream_name)
+    depths: list[int] = []
+    write = publisher._write_waiting
+
+    def recording_write() -> None:
+        write()
+        depths.append(len(publisher._in_flight))
+
+    publisher._write_waiting = recording_write  # type: ignore[method-assign]
+    sent: dict[str, tuple[int, int]] = {}
+
+    async def caller(task: int) -> None:
+        for n in range(25):
+            sent[await publisher.publish("t", {"task": task, "n": n})] = (task, n)
+
+    await asyncio.gather(*(caller(task) for task in range(64)))
+    assert len(sent) == 64 * 25
+    assert max(depths) > 1  # a batch went out while another one was in flight
+    entries = await stream_entries(raw, stream_name)
+    assert len(entries) == 64 * 25
+    for msg_id, fields in entries:
+        event = decode_entry(msg_id, fields, stream=stream_name)
+        assert sent[msg_id] == (event["task"], event["n"])
+    # each caller's events are in the stream in the order it published them
+    order: dict[int, list[int]] = {}
+    for msg_id, _fields in entries:
+        task, n = sent[msg_id]
+        order.setdefault(task, []).append(n)
+    assert all(ns == list(range(25)) for ns in order.values())
+    assert publisher._pipe is None or publisher._busy  # handed back once idle
+    await publisher.publish("t", {})
+    assert not publisher._in_flight
 
 
 async def test_coalesced_publishes_keep_the_stream_cap(raw: aioredis.Redis,

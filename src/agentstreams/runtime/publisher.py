@@ -3,7 +3,9 @@
 Concurrent ``publish`` calls on one ``Publisher`` are coalesced: while one round trip is in
 flight, what arrives waits and goes out together in the next one. An idle publisher sends at
 once, so coalescing adds no latency, and a sequential caller always takes the plain XADD path.
-Every path writes the same entry.
+While callers keep publishing, the publisher holds one connection and pipelines their batches
+on it: a batch is written as soon as it is full, without waiting for the replies to earlier
+ones, so the server works while the callers encode. Every path writes the same entry.
 
 A batch (``publish_many``, or coalesced publishes) is ``MULTI``, one ``XADD`` per event,
 ``EXEC``, written as one pipelined round trip whose RESP we pack ourselves (one ``str.encode``
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +42,8 @@ MAX_BATCH = 1000
 
 #: Events encoded per write when a batch is streamed into its transaction.
 _STREAM_CHUNK = 64
+#: Coalesced publishes written as soon as this many wait (see ``Publisher._flush_waiting``).
+_PIPE_CHUNK = 16
 
 _MULTI = "*1\r\n$5\r\nMULTI\r\n"
 _EXEC = "*1\r\n$4\r\nEXEC\r\n"
@@ -85,6 +90,33 @@ async def _read_replies(conn: Any, count: int) -> list[Any]:
         else:
             append(reply)
     return replies
+
+
+def _exec_ids(replies: list[Any]) -> list[str]:
+    """The stream ids from the replies to ``MULTI``, the ``XADD``s and ``EXEC``; raises the
+    first error the server gave (one queued command refused aborts the whole EXEC)."""
+    for reply in replies[:-1]:  # +OK, then +QUEUED or the error that aborts the EXEC
+        if isinstance(reply, Exception):
+            raise reply
+    result = replies[-1]
+    if isinstance(result, Exception):
+        raise result
+    if not isinstance(result, list):
+        raise redis_exc.ResponseError(f"unexpected reply to EXEC: {result!r}")
+    for item in result:
+        if isinstance(item, Exception):
+            raise item
+    return [to_str(x) for x in result]
+
+
+def _fail_all(futures: Iterable[asyncio.Future[str]], error: BaseException | None) -> None:
+    """Fail (or, without an error, cancel) every caller still waiting."""
+    for future in futures:
+        if not future.done():
+            if error is None:
+                future.cancel()
+            else:
+                future.set_exception(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +181,10 @@ class Publisher:
         #: Events that arrived while busy: (encoded as RESP, the caller's future).
         self._waiting: list[tuple[tuple[int, str], asyncio.Future[str]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: The connection the flusher holds while batches are in flight, and those batches'
+        #: callers, oldest first (replies come back in the order the batches were written).
+        self._pipe: Any = None
+        self._in_flight: deque[list[asyncio.Future[str]]] = deque()
 
     def _current_cap_args(self) -> list[str | int]:
         if self.cap is None:
@@ -190,7 +226,10 @@ class Publisher:
             text = encode_resp(event_type, fields, False, self.max_event_bytes, event_id, None,
                                traceparent, tracestate, self.stream)
             future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._waiting.append((text, future))  # the round trip in flight flushes it after
+            waiting = self._waiting
+            waiting.append((text, future))
+            if len(waiting) >= _PIPE_CHUNK and self._pipe is not None:
+                self._write_waiting()  # out now, while the other callers are still encoding
             return await future
         if idempotency_key is not None:
             entry = encode_event(event_type, fields, event_id=event_id,
@@ -233,37 +272,84 @@ class Publisher:
             self._flush_waiting(), name=f"agentstreams-publish-{self.stream}")
 
     async def _flush_waiting(self) -> None:
-        """Send what waits, MAX_BATCH per round trip, until nothing does; then go idle.
+        """Hold one pooled connection while publishes keep arriving and pipeline them on it.
 
-        After a round trip the callers it answered usually publish again at once: one loop
-        iteration's grace lets them queue here instead of each starting a plain XADD.
+        What waits is written as a batch (``MULTI``/``XADD``.../``EXEC``) without waiting for
+        the batches already in flight; a publishing call that fills a chunk writes it itself,
+        so the server works on it while the other callers are still encoding. The replies are
+        read here, in order, and each caller gets its id. After a batch is answered its callers
+        usually publish again at once: one loop iteration's grace lets them queue here instead
+        of each starting a plain XADD. The connection goes back to the pool when nothing waits.
         """
+        pool = self.client.connection_pool
+        conn: Any = None
         try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._pipe = conn
             while True:
-                if not self._waiting:
+                if not self._in_flight and not self._waiting:
                     await asyncio.sleep(0)
-                    if not self._waiting:
+                    if not self._in_flight and not self._waiting:
                         break
-                batch = self._waiting[:MAX_BATCH]
-                del self._waiting[:MAX_BATCH]
+                if self._waiting:
+                    self._write_waiting()
+                    if not self._in_flight:  # the connection is closing: nothing was written
+                        raise redis_exc.ConnectionError("Connection closed by server.")
+                futures = self._in_flight[0]
+                async with asyncio.timeout(conn.socket_timeout):
+                    replies = await _read_replies(conn, len(futures) + 2)
+                self._in_flight.popleft()
                 try:
-                    ids = await self._send_text_batch([text for text, _ in batch])
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(self._fail(exc))
+                    ids = _exec_ids(replies)
+                except redis_exc.RedisError as exc:  # the server refused this batch
+                    _fail_all(futures, self._fail(exc))
                     continue
-                for (_, future), msg_id in zip(batch, ids, strict=True):
+                get_observer().on_published(self.stream, len(ids))
+                for future, msg_id in zip(futures, ids, strict=True):
                     if not future.done():
                         future.set_result(msg_id)
-        except asyncio.CancelledError:
-            for _, future in self._waiting:
-                future.cancel()
+        except BaseException as exc:
+            # Lost, timed out, cancelled (or a bug): what was written may or may not have been
+            # applied, and the connection's state is unknown. Every waiting caller is told.
+            if conn is not None:
+                await conn.disconnect(nowait=True)
+            error: BaseException | None
+            if isinstance(exc, TimeoutError):
+                error = self._fail(redis_exc.TimeoutError("Timeout reading a batch's replies"))
+            elif isinstance(exc, redis_exc.RedisError | OSError):
+                error = self._fail(exc)
+            elif isinstance(exc, Exception):
+                error = exc
+            else:
+                error = None  # cancelled: so are the callers
+            for futures in self._in_flight:
+                _fail_all(futures, error)
+            self._in_flight.clear()
+            _fail_all([future for _, future in self._waiting], error)
             self._waiting.clear()
-            raise
+            if error is None:
+                raise
         finally:
+            self._pipe = None
+            if conn is not None:
+                await pool.release(conn)
             self._busy = False
             self._flusher = None
+
+    def _write_waiting(self) -> None:
+        """Write what waits as one batch on the held connection (no await: buffered)."""
+        writer = getattr(self._pipe, "_writer", None)
+        if writer is None or writer.is_closing():
+            return  # the flusher finds out when it reads, and fails what is in flight
+        batch = self._waiting[:MAX_BATCH]
+        del self._waiting[:MAX_BATCH]
+        head, base = self._xadd_head()
+        parts = [_MULTI]
+        for (nargs, body), _ in batch:
+            parts.append(f"*{base + nargs}\r\n{head}{body}")
+        parts.append(_EXEC)
+        writer.write("".join(parts).encode())
+        self._in_flight.append([future for _, future in batch])
 
     async def _send_text_batch(self, entries: Sequence[tuple[int, str]]) -> list[str]:
         """One atomic round trip writing ``entries`` (from ``encode_event_resp``) in order;
@@ -282,7 +368,7 @@ class Publisher:
         except (redis_exc.RedisError, OSError) as exc:
             raise self._fail(exc) from exc
         get_observer().on_published(self.stream, commands)
-        return [to_str(x) for x in reply]
+        return reply
 
     def _streamed_batch(self, events: Sequence[Mapping[str, Any]], traceparent: str | None,
                         tracestate: str | None) -> Iterator[bytes]:
@@ -303,22 +389,10 @@ class Publisher:
         parts.append(_EXEC)
         yield "".join(parts).encode()
 
-    async def _transaction(self, pieces: Iterable[bytes], commands: int) -> list[Any]:
+    async def _transaction(self, pieces: Iterable[bytes], commands: int) -> list[str]:
         """Send ``MULTI``, ``commands`` commands and ``EXEC`` (packed in ``pieces``) on a pooled
-        connection; return EXEC's reply, or raise the first error the server gave."""
-        replies = await self._exchange(pieces, commands + 2)
-        for reply in replies[:-1]:  # +OK, then +QUEUED or the error that aborts the EXEC
-            if isinstance(reply, Exception):
-                raise reply
-        result = replies[-1]
-        if isinstance(result, Exception):
-            raise result
-        if not isinstance(result, list):
-            raise redis_exc.ResponseError(f"unexpected reply to EXEC: {result!r}")
-        for item in result:
-            if isinstance(item, Exception):
-                raise item
-        return result
+        connection; return the ids EXEC gave, or raise the first error the server gave."""
+        return _exec_ids(await self._exchange(pieces, commands + 2))
 
     async def _exchange(self, pieces: Iterable[bytes], count: int) -> list[Any]:
         """Write packed commands on a pooled connection and read ``count`` replies (error
