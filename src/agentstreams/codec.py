@@ -80,6 +80,9 @@ _DECODED_NAMES: dict[bytes, str] = {}
 _JSON_NAME_SETS: dict[bytes, frozenset[bytes]] = {}
 #: (EventType members are keys of their own: they hash by name, and never equal a str key.)
 _ENCODED_TYPES: dict[str | EventType, bytes] = {}
+#: Event types cached by value: exactly str and EventType (a subclass could hash or compare
+#: in its own way).
+_CACHEABLE_TYPES = (str, EventType)
 
 # A UUID4 as an integer: clear the version and variant bits, then set version 4, RFC 4122.
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
@@ -159,7 +162,7 @@ def _refuse_nan(name: str, value: Any) -> None:
 
 def _encoded_type(event_type: str | EventType) -> bytes:
     """The event type as bytes (validated; cached per distinct type)."""
-    cacheable = type(event_type) is str or type(event_type) is EventType
+    cacheable = type(event_type) in _CACHEABLE_TYPES
     if cacheable:
         cached = _ENCODED_TYPES.get(event_type)
         if cached is not None:
@@ -204,10 +207,7 @@ def encode_event(
             if type(name) is str and len(encoded_names) < _NAME_CACHE_MAX:
                 encoded_names[name] = key
         if name == FIELD_TIMESTAMP:
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise InvalidArgumentError(
-                    f"'timestamp' is the producer timestamp and must be a number, got {value!r}"
-                )
+            _check_timestamp(value)
             has_timestamp = True
         if type(value) is str:
             try:
@@ -301,14 +301,13 @@ _RESP_TYPES: dict[str | EventType, tuple[str, int, str]] = {}
 _RESP_TIMESTAMP_NAME = (_RESP_TIMESTAMP, len(FIELD_TIMESTAMP))
 
 
-def _resp_type(event_type: object) -> tuple[str, int, str]:
+def _resp_type(event_type: str | EventType) -> tuple[str, int, str]:
     """The ``type`` pair of an event type as RESP (validated; cached per distinct type)."""
     type_str = validate_event_type(event_type)
     length = len(type_str.encode())
     cached = (f"{_RESP_TYPE}{_resp_length(length)}{type_str}\r\n", length + len(FIELD_TYPE),
               type_str)
-    if (type(event_type) is str or type(event_type) is EventType) \
-            and len(_RESP_TYPES) < _NAME_CACHE_MAX:
+    if type(event_type) in _CACHEABLE_TYPES and len(_RESP_TYPES) < _NAME_CACHE_MAX:
         _RESP_TYPES[event_type] = cached
     return cached
 
@@ -357,8 +356,7 @@ def encode_resp(event_type: str | EventType, fields: Mapping[str, Any], type_in_
                  timestamp: float | None = None, traceparent: str | None = None,
                  tracestate: str | None = None, stream: str | None = None) -> tuple[int, str]:
     """``encode_event_resp`` with positional arguments only (cheaper per call in batch loops)."""
-    head = (_RESP_TYPES.get(event_type)
-            if type(event_type) is str or type(event_type) is EventType else None)
+    head = _RESP_TYPES.get(event_type) if type(event_type) in _CACHEABLE_TYPES else None
     if head is None:
         head = _resp_type(event_type)
     parts = [head[0]]

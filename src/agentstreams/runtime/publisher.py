@@ -343,28 +343,28 @@ class Publisher:
             return  # the flusher finds out when it reads, and fails what is in flight
         batch = self._waiting[:MAX_BATCH]
         del self._waiting[:MAX_BATCH]
-        head, base = self._xadd_head()
-        parts = [_MULTI]
-        for (nargs, body), _ in batch:
-            parts.append(f"*{base + nargs}\r\n{head}{body}")
-        parts.append(_EXEC)
-        writer.write("".join(parts).encode())
+        writer.write(self._pack_batch(text for text, _ in batch))
         self._in_flight.append([future for _, future in batch])
 
     async def _send_text_batch(self, entries: Sequence[tuple[int, str]]) -> list[str]:
         """One atomic round trip writing ``entries`` (from ``encode_event_resp``) in order;
         returns their ids."""
+        return await self._send_transaction([self._pack_batch(entries)], len(entries))
+
+    def _pack_batch(self, entries: Iterable[tuple[int, str]]) -> bytes:
+        """``MULTI``, one XADD per encoded event, ``EXEC``, as one RESP payload."""
         head, base = self._xadd_head()
         parts = [_MULTI]
         for nargs, body in entries:
             parts.append(f"*{base + nargs}\r\n{head}{body}")
         parts.append(_EXEC)
-        return await self._send_transaction(["".join(parts).encode()], len(entries))
+        return "".join(parts).encode()
 
     async def _send_transaction(self, pieces: Iterable[bytes], commands: int) -> list[str]:
         """Run a transaction of ``commands`` XADDs written as ``pieces``; returns the ids."""
         try:
-            reply = await self._transaction(pieces, commands)
+            # MULTI's +OK, one +QUEUED per command, then EXEC's reply
+            reply = _exec_ids(await self._exchange(pieces, commands + 2))
         except (redis_exc.RedisError, OSError) as exc:
             raise self._fail(exc) from exc
         get_observer().on_published(self.stream, commands)
@@ -388,11 +388,6 @@ class Publisher:
                 parts = []
         parts.append(_EXEC)
         yield "".join(parts).encode()
-
-    async def _transaction(self, pieces: Iterable[bytes], commands: int) -> list[str]:
-        """Send ``MULTI``, ``commands`` commands and ``EXEC`` (packed in ``pieces``) on a pooled
-        connection; return the ids EXEC gave, or raise the first error the server gave."""
-        return _exec_ids(await self._exchange(pieces, commands + 2))
 
     async def _exchange(self, pieces: Iterable[bytes], count: int) -> list[Any]:
         """Write packed commands on a pooled connection and read ``count`` replies (error
