@@ -6,7 +6,7 @@
 
 Servers: an embedded Valkey started here on a free port, and Redis 7 at ``--redis7-url``
 (default ``redis://127.0.0.1:6379``) when it answers. Keys are unique to the run and deleted.
-The scenarios live in ``agentstreams.bench`` (``agentstreams bench`` runs the same ones).
+The scenarios live in ``agentstreams._bench`` (``agentstreams bench`` runs the same ones).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agentstreams.bench import BenchConfig, ServerReport, quiet_logs, run_suite
+from agentstreams._bench import BenchConfig, ServerReport, quiet_logs, run_suite
 from agentstreams.cli.bench import GROUPS, render_report, report_document
 from agentstreams.server import LocalServer, answers_ping
 

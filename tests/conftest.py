@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams.coordinator import AgentCoordinator
+from agentstreams._coordinator import AgentCoordinator
 from agentstreams.server import LocalServer, answers_ping
 
 REDIS7_DEFAULT = "redis://127.0.0.1:6379"

@@ -27,8 +27,8 @@ from agents.tracing import Span, Trace
 from agents_support.models import RuleModel
 from agents_support.scenario import TOPIC_PREFIX, local_agents, remote_agents, triage_rule
 from agentstreams import AgentCoordinator, DeadLetterQueue, InvalidArgumentError
-from agentstreams.codec import decode_entry
-from agentstreams.events import Event
+from agentstreams._codec import decode_entry
+from agentstreams._events import Event
 from agentstreams.integrations.openai_agents import (
     AgentClient,
     AgentRunError,

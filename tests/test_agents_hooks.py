@@ -19,8 +19,8 @@ from agents.run_context import AgentHookContext
 from agents_support.models import RuleModel
 from agents_support.scenario import local_agents
 from agentstreams import AgentCoordinator, ConnectionLostError, InvalidArgumentError
-from agentstreams.codec import decode_entry
-from agentstreams.events import Event
+from agentstreams._codec import decode_entry
+from agentstreams._events import Event
 from agentstreams.integrations.openai_agents import CoordinatorHooks, compose_hooks
 from agentstreams.server import find_free_port
 from conftest import stream_entries

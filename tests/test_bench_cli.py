@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from agentstreams.bench import BenchConfig
+from agentstreams._bench import BenchConfig
 from agentstreams.server import LocalServer
 
 AGENTSTREAMS = str(Path(sys.executable).with_name("agentstreams"))

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams.codec import decode_entry
-from agentstreams.runtime.dlq import dead_letter
-from agentstreams.runtime.publisher import Publisher
-from agentstreams.runtime.streams import dlq_key, to_str
+from agentstreams._codec import decode_entry
+from agentstreams._dlq import dead_letter
+from agentstreams._publisher import Publisher
+from agentstreams._streams import dlq_key, to_str
 from agentstreams.server import LocalServer, find_free_port
 
 #: One CLI run must end well within this (they normally take about half a second).

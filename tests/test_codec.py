@@ -11,15 +11,15 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentstreams.codec import decode_entry, encode_event, entry_to_pairs, new_event_id
-from agentstreams.constants import FORMAT_VERSION
+from agentstreams._codec import decode_entry, encode_event, entry_to_pairs, new_event_id
+from agentstreams._constants import FORMAT_VERSION
+from agentstreams._events import Event, EventType
 from agentstreams.errors import (
     InvalidArgumentError,
     MalformedEventError,
     PayloadTooLargeError,
     SerializationError,
 )
-from agentstreams.events import Event, EventType
 from agentstreams.server import LocalServer
 from conftest import assert_same, reference_fields
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis.exceptions as redis_exc
 
-from agentstreams.connection import ConnectionSettings, create_client
+from agentstreams._connection import ConnectionSettings, create_client
 from agentstreams.server import LocalServer
 
 

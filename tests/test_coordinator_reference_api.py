@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams import AgentCoordinator, EventType
-from agentstreams.coordinator import AgentCoordinator as CoordinatorFromModule
+from agentstreams._coordinator import AgentCoordinator as CoordinatorFromModule
 from conftest import assert_same, pending_rows, stream_entries, stream_ids
 
 MakeCoordinator = Callable[..., AgentCoordinator]

@@ -8,10 +8,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams import AgentCoordinator, DeadLetter, DeadLetterQueue, MalformedEventError
-from agentstreams.codec import encode_event
-from agentstreams.connection import ConnectionSettings, create_client
-from agentstreams.runtime.dlq import dead_letter, format_error
-from agentstreams.runtime.streams import dlq_key
+from agentstreams._codec import encode_event
+from agentstreams._connection import ConnectionSettings, create_client
+from agentstreams._dlq import dead_letter, format_error
+from agentstreams._streams import dlq_key
 from conftest import pending_rows, stream_entries, stream_ids, xadd_raw
 
 MakeCoordinator = Callable[..., AgentCoordinator]

@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentstreams.codec import decode_entry, encode_event, encode_event_resp
+from agentstreams._codec import decode_entry, encode_event, encode_event_resp
+from agentstreams._publisher import Publisher, StreamCap
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError, SerializationError
-from agentstreams.runtime.publisher import Publisher, StreamCap
 from conftest import stream_entries
 
 #: Strings that JSON escapes or that other layers like to reinterpret.

@@ -22,9 +22,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams import ConnectionLostError, Event, Worker
-from agentstreams.runtime.dlq import DeadLetterQueue
-from agentstreams.runtime.publisher import Publisher
-from agentstreams.runtime.streams import autoclaim_all
+from agentstreams._dlq import DeadLetterQueue
+from agentstreams._publisher import Publisher
+from agentstreams._streams import autoclaim_all
 from agentstreams.server import LocalServer
 from conftest import wait_for
 

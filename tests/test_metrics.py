@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentstreams import Event, Publisher, Reject, Worker
+from agentstreams._observe import Observer, get_observer, set_observer
+from agentstreams._streams import dlq_key
 from agentstreams.metrics import (
     PrometheusObserver,
     StreamStatsCollector,
@@ -27,8 +29,6 @@ from agentstreams.metrics import (
     dlq_owner,
     serve_metrics,
 )
-from agentstreams.observe import Observer, get_observer, set_observer
-from agentstreams.runtime.streams import dlq_key
 from agentstreams.server import LocalServer, find_free_port
 from conftest import wait_for
 

@@ -14,17 +14,44 @@ import agentstreams
 from agentstreams import errors
 
 PUBLIC_MODULES = [
-    "agentstreams.codec",
-    "agentstreams.connection",
-    "agentstreams.coordinator",
     "agentstreams.errors",
-    "agentstreams.events",
+    "agentstreams.logging_utils",
+    "agentstreams.metrics",
     "agentstreams.server",
-    "agentstreams.runtime.dlq",
-    "agentstreams.runtime.publisher",
-    "agentstreams.runtime.retention",
-    "agentstreams.runtime.streams",
+    "agentstreams.tracing",
+    "agentstreams.integrations.openai_agents",
 ]
+
+#: Everything a user needs, importable from the package itself (the list is the contract).
+EXPORTED = {
+    "AgentCoordinator", "AgentStreamsError", "BackpressureError", "ClosedError",
+    "ConnectionLostError", "DeadLetter", "DeadLetterQueue", "Event", "EventType",
+    "GroupNotFoundError", "Handler", "InvalidArgumentError", "MalformedEventError", "Observer",
+    "PayloadTooLargeError", "PublishTimeoutError", "Publisher", "Reject", "Retry",
+    "SerializationError", "StreamCap", "TrimResult", "Worker", "WorkerStats", "WrongTypeError",
+    "__version__", "get_observer", "set_observer",
+}
+
+
+def test_export_list_is_the_documented_one() -> None:
+    assert set(agentstreams.__all__) == EXPORTED
+
+
+def test_modules_are_public_only_when_documented() -> None:
+    """Every module of the package is either documented public or named with a leading
+    underscore (httpx's rule): nothing looks public by accident."""
+    root = Path(agentstreams.__file__).parent
+    allowed = {m.removeprefix("agentstreams.") for m in PUBLIC_MODULES}
+    allowed |= {"cli", "demo", "integrations", "integrations.openai_agents"}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if not parts or any(p.startswith("_") for p in parts):
+            continue
+        dotted = ".".join(parts)
+        assert dotted in allowed or dotted.split(".")[0] in ("cli", "demo"), (
+            f"agentstreams.{dotted} looks public but is not documented: rename it _{parts[-1]}")
 
 
 def test_all_matches_what_is_importable() -> None:

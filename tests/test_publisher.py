@@ -19,9 +19,9 @@ from agentstreams import (
     StreamCap,
     WrongTypeError,
 )
-from agentstreams.codec import decode_entry
-from agentstreams.connection import ConnectionSettings, create_client
-from agentstreams.runtime.publisher import MAX_BATCH
+from agentstreams._codec import decode_entry
+from agentstreams._connection import ConnectionSettings, create_client
+from agentstreams._publisher import MAX_BATCH
 from agentstreams.server import LocalServer
 from conftest import stream_entries, stream_ids, wait_for, xadd_raw
 

@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams import InvalidArgumentError, TrimResult, WrongTypeError
-from agentstreams.connection import ConnectionSettings, create_client
-from agentstreams.runtime.retention import safe_floor, trim
-from agentstreams.runtime.streams import stream_id_key
+from agentstreams._connection import ConnectionSettings, create_client
+from agentstreams._retention import safe_floor, trim
+from agentstreams._streams import stream_id_key
 from conftest import pending_rows, stream_ids
 
 

@@ -19,7 +19,7 @@ from agentstreams import (
     InvalidArgumentError,
     WrongTypeError,
 )
-from agentstreams.connection import (
+from agentstreams._connection import (
     Backoff,
     ConnectionSettings,
     call,

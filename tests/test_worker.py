@@ -18,8 +18,8 @@ from agentstreams import (
     Retry,
     Worker,
 )
-from agentstreams.runtime.dlq import DeadLetterQueue
-from agentstreams.runtime.publisher import Publisher
+from agentstreams._dlq import DeadLetterQueue
+from agentstreams._publisher import Publisher
 from agentstreams.server import LocalServer
 from conftest import wait_for
 

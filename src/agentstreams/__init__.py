@@ -1,6 +1,12 @@
 """agentstreams: reliable coordination for AI agents across processes over Redis Streams."""
 
-from agentstreams.coordinator import AgentCoordinator
+from agentstreams._coordinator import AgentCoordinator
+from agentstreams._dlq import DeadLetter, DeadLetterQueue
+from agentstreams._events import Event, EventType
+from agentstreams._observe import Observer, get_observer, set_observer
+from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._retention import TrimResult
+from agentstreams._worker import Handler, Worker, WorkerStats
 from agentstreams.errors import (
     AgentStreamsError,
     BackpressureError,
@@ -16,11 +22,6 @@ from agentstreams.errors import (
     SerializationError,
     WrongTypeError,
 )
-from agentstreams.events import Event, EventType
-from agentstreams.runtime.dlq import DeadLetter, DeadLetterQueue
-from agentstreams.runtime.publisher import Publisher, StreamCap
-from agentstreams.runtime.retention import TrimResult
-from agentstreams.runtime.worker import Worker, WorkerStats
 
 __version__ = "0.1.0"
 
@@ -35,8 +36,10 @@ __all__ = [
     "Event",
     "EventType",
     "GroupNotFoundError",
+    "Handler",
     "InvalidArgumentError",
     "MalformedEventError",
+    "Observer",
     "PayloadTooLargeError",
     "PublishTimeoutError",
     "Publisher",
@@ -49,4 +52,6 @@ __all__ = [
     "WorkerStats",
     "WrongTypeError",
     "__version__",
+    "get_observer",
+    "set_observer",
 ]

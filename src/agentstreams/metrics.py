@@ -3,7 +3,7 @@
 Two sources feed one registry:
 
 * ``PrometheusObserver`` counts what *this process* does (published, delivered, acknowledged,
-  retried, dead-lettered, ...) through the ``agentstreams.observe.Observer`` hooks.
+  retried, dead-lettered, ...) through the ``agentstreams._observe.Observer`` hooks.
 * ``StreamStatsCollector`` asks *the server* at scrape time (XINFO GROUPS, XPENDING, XLEN):
   consumer lag, pending entries, the age of the oldest unacknowledged entry, stream and
   dead-letter lengths. Every scrape is fresh, and a process that consumes nothing (``agentstreams
@@ -43,14 +43,14 @@ import redis.exceptions as redis_exc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agentstreams.connection import ConnectionSettings, redact_url
-from agentstreams.constants import DLQ_SUFFIX
+from agentstreams._connection import ConnectionSettings, redact_url
+from agentstreams._constants import DLQ_SUFFIX
+from agentstreams._observe import Observer, get_observer, set_observer
+from agentstreams._streams import dlq_key, first_field, stream_id_key, to_str
 from agentstreams.errors import InvalidArgumentError
-from agentstreams.observe import Observer, get_observer, set_observer
-from agentstreams.runtime.streams import dlq_key, first_field, stream_id_key, to_str
 
 if TYPE_CHECKING:
-    from agentstreams.runtime.worker import Worker
+    from agentstreams._worker import Worker
 
 __all__ = [
     "HANDLER_DURATION_BUCKETS_S",

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agentstreams.events import Event
+    from agentstreams._events import Event
 
 __all__ = ["NO_SPAN", "current_trace_headers", "handler_span", "tracing_available"]
 

@@ -22,7 +22,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from agentstreams.connection import ConnectionSettings, Redis, call, create_client, redact_url
+from agentstreams._connection import ConnectionSettings, Redis, call, create_client, redact_url
+from agentstreams._streams import first_field, stream_id_key, to_str
 from agentstreams.errors import (
     AgentStreamsError,
     ConnectionLostError,
@@ -30,7 +31,6 @@ from agentstreams.errors import (
     InvalidArgumentError,
     WrongTypeError,
 )
-from agentstreams.runtime.streams import first_field, stream_id_key, to_str
 
 __all__ = [
     "DEFAULT_REDIS_URL",

@@ -1,6 +1,6 @@
 """``agentstreams bench``: measure agentstreams against raw redis-py on your own server.
 
-A short version of ``benchmarks/run.py``: the same scenarios (``agentstreams.bench``), fewer
+A short version of ``benchmarks/run.py``: the same scenarios (``agentstreams._bench``), fewer
 events. Without ``--redis-url`` (or REDIS_URL) it starts an embedded Valkey on a free port.
 Every key it writes is unique to the run and deleted afterwards.
 """
@@ -14,16 +14,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agentstreams.bench import (
+from agentstreams._bench import (
     BenchConfig,
     ServerReport,
     machine_description,
     quiet_logs,
     run_suite,
 )
+from agentstreams._connection import redact_url
 from agentstreams.cli._common import JsonOption, emit_json, err, out
 from agentstreams.cli.app import app
-from agentstreams.connection import redact_url
 
 __all__ = ["render_report", "report_document"]
 

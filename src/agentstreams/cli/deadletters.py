@@ -15,6 +15,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from agentstreams._connection import Redis
+from agentstreams._dlq import DeadLetter, DeadLetterQueue
+from agentstreams._streams import dlq_key, to_str
 from agentstreams.cli._common import (
     DEFAULT_REDIS_URL,
     ExitCode,
@@ -34,10 +37,7 @@ from agentstreams.cli._common import (
     usage_error,
 )
 from agentstreams.cli.app import app
-from agentstreams.connection import Redis
 from agentstreams.errors import MalformedEventError
-from agentstreams.runtime.dlq import DeadLetter, DeadLetterQueue
-from agentstreams.runtime.streams import dlq_key, to_str
 
 dlq_app = typer.Typer(name="dlq", no_args_is_help=True,
                       help="Dead letters: list, show, replay or purge them.")

@@ -13,6 +13,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from agentstreams._codec import decode_entry
+from agentstreams._connection import Redis, call
+from agentstreams._constants import DEFAULT_VISIBILITY_TIMEOUT_MS, DLQ_SUFFIX
+from agentstreams._retention import trim as safe_trim
+from agentstreams._streams import dlq_key, first_field, to_str
 from agentstreams.cli._common import (
     DEFAULT_REDIS_URL,
     JsonOption,
@@ -30,12 +35,7 @@ from agentstreams.cli._common import (
     usage_error,
 )
 from agentstreams.cli.app import app
-from agentstreams.codec import decode_entry
-from agentstreams.connection import Redis, call
-from agentstreams.constants import DEFAULT_VISIBILITY_TIMEOUT_MS, DLQ_SUFFIX
 from agentstreams.errors import MalformedEventError
-from agentstreams.runtime.retention import trim as safe_trim
-from agentstreams.runtime.streams import dlq_key, first_field, to_str
 
 #: Entries and consumers idle longer than this are shown in warning colours.
 STUCK_AFTER_MS = DEFAULT_VISIBILITY_TIMEOUT_MS

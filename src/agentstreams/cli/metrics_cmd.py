@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
+from agentstreams._connection import redact_url
 from agentstreams.cli._common import DEFAULT_REDIS_URL, ExitCode
 from agentstreams.cli.app import app
-from agentstreams.connection import redact_url
 from agentstreams.errors import AgentStreamsError
 
 __all__ = ["metrics"]

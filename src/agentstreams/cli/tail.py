@@ -17,6 +17,15 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from agentstreams._codec import decode_entry
+from agentstreams._connection import Backoff, Redis, call
+from agentstreams._constants import FIELD_SESSION_ID, FIELD_TIMESTAMP, FIELD_TYPE
+from agentstreams._streams import (
+    entries_from_read_reply,
+    first_field,
+    stream_id_key,
+    to_str,
+)
 from agentstreams.cli._common import (
     DEFAULT_REDIS_URL,
     JsonOption,
@@ -32,16 +41,7 @@ from agentstreams.cli._common import (
     usage_error,
 )
 from agentstreams.cli.app import app
-from agentstreams.codec import decode_entry
-from agentstreams.connection import Backoff, Redis, call
-from agentstreams.constants import FIELD_SESSION_ID, FIELD_TIMESTAMP, FIELD_TYPE
 from agentstreams.errors import ConnectionLostError, MalformedEventError
-from agentstreams.runtime.streams import (
-    entries_from_read_reply,
-    first_field,
-    stream_id_key,
-    to_str,
-)
 
 #: Longest XREAD BLOCK: short, so a stop request is never kept waiting long.
 TAIL_BLOCK_MS = 1000

@@ -26,22 +26,22 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from agentstreams.codec import decode_entry
-from agentstreams.connection import ConnectionSettings, Redis, call, create_client
-from agentstreams.constants import SOCKET_TIMEOUT_MARGIN_S
-from agentstreams.coordinator import AgentCoordinator
+from agentstreams._codec import decode_entry
+from agentstreams._connection import ConnectionSettings, Redis, call, create_client
+from agentstreams._constants import SOCKET_TIMEOUT_MARGIN_S
+from agentstreams._coordinator import AgentCoordinator
+from agentstreams._events import Event
+from agentstreams._streams import dlq_key, entries_from_read_reply
 from agentstreams.demo.team import AGENT_NAMES, SEARCH_S, prompt_for
 from agentstreams.demo.timeline import KILLED_EVENT, DemoSummary, DemoTracker, TimelineEntry
 from agentstreams.demo.worker import TOOL_STARTED_EVENT, URL_ENV
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError, MalformedEventError
-from agentstreams.events import Event
 from agentstreams.integrations.openai_agents import (
     AgentClient,
     AgentRunError,
     AgentRunTimeoutError,
     Keys,
 )
-from agentstreams.runtime.streams import dlq_key, entries_from_read_reply
 from agentstreams.server import LocalServer
 
 __all__ = [

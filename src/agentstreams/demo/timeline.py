@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentstreams._events import EventType
 from agentstreams.demo.worker import READY_EVENT, STOPPED_EVENT, TOOL_STARTED_EVENT
-from agentstreams.events import EventType
 
 __all__ = [
     "KILLED_EVENT",

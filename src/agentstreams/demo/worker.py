@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from agentstreams.coordinator import AgentCoordinator
+from agentstreams._coordinator import AgentCoordinator
 from agentstreams.demo.team import AGENT_NAMES, SEARCH_S, build_team
 from agentstreams.integrations.openai_agents import AgentWorker, Keys, current_task
 

@@ -21,9 +21,12 @@ from typing import Any
 import orjson
 from agents.tracing import gen_trace_id
 
-from agentstreams.codec import decode_entry
-from agentstreams.connection import Backoff, ConnectionSettings, Redis, call, create_client
-from agentstreams.constants import DEFAULT_MAX_EVENT_BYTES, SOCKET_TIMEOUT_MARGIN_S
+from agentstreams._codec import decode_entry
+from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
+from agentstreams._constants import DEFAULT_MAX_EVENT_BYTES, SOCKET_TIMEOUT_MARGIN_S
+from agentstreams._events import EventType
+from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._streams import entries_from_read_reply
 from agentstreams.errors import (
     ClosedError,
     ConnectionLostError,
@@ -31,7 +34,6 @@ from agentstreams.errors import (
     MalformedEventError,
     SerializationError,
 )
-from agentstreams.events import EventType
 from agentstreams.integrations.openai_agents._errors import AgentRunError, AgentRunTimeoutError
 from agentstreams.integrations.openai_agents._status import RunStatus, StatusStore
 from agentstreams.integrations.openai_agents._wire import (
@@ -48,8 +50,6 @@ from agentstreams.integrations.openai_agents._wire import (
     TaskEnvelope,
     new_run_id,
 )
-from agentstreams.runtime.publisher import Publisher, StreamCap
-from agentstreams.runtime.streams import entries_from_read_reply
 
 __all__ = ["AgentClient", "AgentRunResult", "ClientStats"]
 

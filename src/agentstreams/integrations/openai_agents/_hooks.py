@@ -30,9 +30,9 @@ from agents import Agent, RunContextWrapper, RunHooks, Runner, Tool
 from agents.items import ModelResponse, TResponseInputItem
 from agents.run_context import AgentHookContext
 
-from agentstreams.coordinator import AgentCoordinator
+from agentstreams._coordinator import AgentCoordinator
+from agentstreams._events import EventType
 from agentstreams.errors import InvalidArgumentError
-from agentstreams.events import EventType
 from agentstreams.integrations.openai_agents._handoff import is_remote_stand_in
 from agentstreams.integrations.openai_agents._wire import to_jsonable, usage_dict
 

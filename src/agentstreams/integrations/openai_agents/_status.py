@@ -16,7 +16,8 @@ from typing import Any, Final
 
 import orjson
 
-from agentstreams.connection import Redis, call
+from agentstreams._connection import Redis, call
+from agentstreams._streams import to_str
 from agentstreams.integrations.openai_agents._wire import (
     COMPLETED,
     FAILED,
@@ -24,7 +25,6 @@ from agentstreams.integrations.openai_agents._wire import (
     RunReply,
     to_jsonable,
 )
-from agentstreams.runtime.streams import to_str
 
 __all__ = ["HopStatus", "RunStatus", "StatusStore"]
 

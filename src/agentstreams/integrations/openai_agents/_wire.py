@@ -23,8 +23,8 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from agentstreams._events import Event
 from agentstreams.errors import InvalidArgumentError
-from agentstreams.events import Event
 
 __all__ = [
     "DEFAULT_GROUP",

@@ -35,11 +35,14 @@ from typing import Any, cast
 
 from agents import Agent, RunConfig, RunHooks, Runner
 
-from agentstreams.connection import ConnectionSettings, Redis, create_client
-from agentstreams.constants import DEFAULT_MAX_EVENT_BYTES, DEFAULT_VISIBILITY_TIMEOUT_MS
-from agentstreams.coordinator import AgentCoordinator
+from agentstreams._connection import ConnectionSettings, Redis, create_client
+from agentstreams._constants import DEFAULT_MAX_EVENT_BYTES, DEFAULT_VISIBILITY_TIMEOUT_MS
+from agentstreams._coordinator import AgentCoordinator
+from agentstreams._events import Event, EventType
+from agentstreams._lifecycle import serve_until_stopped
+from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._worker import Worker
 from agentstreams.errors import ClosedError, InvalidArgumentError, Reject
-from agentstreams.events import Event, EventType
 from agentstreams.integrations.openai_agents._context import (
     TaskInfo,
     reset_current_task,
@@ -76,9 +79,6 @@ from agentstreams.integrations.openai_agents._wire import (
     to_jsonable,
     usage_dict,
 )
-from agentstreams.runtime.lifecycle import serve_until_stopped
-from agentstreams.runtime.publisher import Publisher, StreamCap
-from agentstreams.runtime.worker import Worker
 
 __all__ = ["AgentWorker", "AgentWorkerStats"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import redis.exceptions as redis_exc
 
-from agentstreams.connection import Redis, call
-from agentstreams.constants import AUTOCLAIM_BATCH, DLQ_SUFFIX, IDEMPOTENCY_SUFFIX
+from agentstreams._connection import Redis, call
+from agentstreams._constants import AUTOCLAIM_BATCH, DLQ_SUFFIX, IDEMPOTENCY_SUFFIX
 from agentstreams.errors import InvalidArgumentError
 
 __all__ = [

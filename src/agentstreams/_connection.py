@@ -18,7 +18,7 @@ import redis.exceptions as redis_exc
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from agentstreams.constants import (
+from agentstreams._constants import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_SOCKET_TIMEOUT_S,
     RECONNECT_BACKOFF_BASE_S,

@@ -16,9 +16,9 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from agentstreams.codec import decode_entry
-from agentstreams.connection import Backoff, ConnectionSettings, Redis, call, create_client
-from agentstreams.constants import (
+from agentstreams._codec import decode_entry
+from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
+from agentstreams._constants import (
     DEFAULT_BLOCK_MS,
     DEFAULT_CLAIM_MIN_IDLE_MS,
     DEFAULT_IDEMPOTENCY_WINDOW_S,
@@ -29,18 +29,12 @@ from agentstreams.constants import (
     DLQ_REASON_MAX_DELIVERIES,
     SOCKET_TIMEOUT_MARGIN_S,
 )
-from agentstreams.errors import (
-    ConnectionLostError,
-    GroupNotFoundError,
-    InvalidArgumentError,
-    MalformedEventError,
-)
-from agentstreams.events import Event, EventType
-from agentstreams.observe import get_observer
-from agentstreams.runtime.dlq import DeadLetterQueue, dead_letter
-from agentstreams.runtime.publisher import Publisher, StreamCap
-from agentstreams.runtime.retention import trim
-from agentstreams.runtime.streams import (
+from agentstreams._dlq import DeadLetterQueue, dead_letter
+from agentstreams._events import Event, EventType
+from agentstreams._observe import get_observer
+from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._retention import trim
+from agentstreams._streams import (
     RawEntry,
     ack,
     autoclaim_all,
@@ -51,10 +45,16 @@ from agentstreams.runtime.streams import (
     to_str,
     validate_name,
 )
+from agentstreams.errors import (
+    ConnectionLostError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    MalformedEventError,
+)
 
 __all__ = ["AgentCoordinator"]
 
-logger = logging.getLogger("agentstreams.coordinator")
+logger = logging.getLogger("agentstreams._coordinator")
 
 #: Entries fetched per XREADGROUP in subscribe, as the reference did: a caller that stops early
 #: leaves at most this many read-ahead entries pending on its consumer.

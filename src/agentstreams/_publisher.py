@@ -25,14 +25,14 @@ from typing import Any, Literal
 
 import redis.exceptions as redis_exc
 
-from agentstreams.codec import encode_event, encode_resp, entry_to_pairs
-from agentstreams.connection import Redis, translate_error
-from agentstreams.constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
+from agentstreams import _scripts as scripts
+from agentstreams._codec import encode_event, encode_resp, entry_to_pairs
+from agentstreams._connection import Redis, translate_error
+from agentstreams._constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
+from agentstreams._events import EventType
+from agentstreams._observe import get_observer
+from agentstreams._streams import idempotency_key_name, to_str
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError, PublishTimeoutError
-from agentstreams.events import EventType
-from agentstreams.observe import get_observer
-from agentstreams.runtime import scripts
-from agentstreams.runtime.streams import idempotency_key_name, to_str
 from agentstreams.tracing import current_trace_headers
 
 __all__ = ["Publisher", "StreamCap"]

@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
-from agentstreams.codec import decode_entry
-from agentstreams.connection import Backoff, ConnectionSettings, Redis, call, create_client
-from agentstreams.constants import (
+from agentstreams import _scripts as scripts
+from agentstreams._codec import decode_entry
+from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
+from agentstreams._constants import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_EVENT_BYTES,
@@ -46,21 +47,11 @@ from agentstreams.constants import (
     DLQ_REASON_REJECTED,
     SOCKET_TIMEOUT_MARGIN_S,
 )
-from agentstreams.errors import (
-    AgentStreamsError,
-    ConnectionLostError,
-    GroupNotFoundError,
-    InvalidArgumentError,
-    MalformedEventError,
-    Reject,
-    Retry,
-)
-from agentstreams.events import Event, EventType
-from agentstreams.observe import Observer, get_observer
-from agentstreams.runtime import scripts
-from agentstreams.runtime.dlq import dead_letter, format_error
-from agentstreams.runtime.lifecycle import serve_until_stopped
-from agentstreams.runtime.streams import (
+from agentstreams._dlq import dead_letter, format_error
+from agentstreams._events import Event, EventType
+from agentstreams._lifecycle import serve_until_stopped
+from agentstreams._observe import Observer, get_observer
+from agentstreams._streams import (
     RawEntry,
     autoclaim_all,
     delivery_counts,
@@ -69,6 +60,15 @@ from agentstreams.runtime.streams import (
     first_field,
     to_str,
     validate_name,
+)
+from agentstreams.errors import (
+    AgentStreamsError,
+    ConnectionLostError,
+    GroupNotFoundError,
+    InvalidArgumentError,
+    MalformedEventError,
+    Reject,
+    Retry,
 )
 from agentstreams.tracing import NO_SPAN, handler_span
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import redis.exceptions as redis_exc
 
-from agentstreams.connection import Redis, call
+from agentstreams import _scripts as scripts
+from agentstreams._connection import Redis, call
+from agentstreams._streams import first_field, stream_id_key, to_str
 from agentstreams.errors import InvalidArgumentError
-from agentstreams.runtime import scripts
-from agentstreams.runtime.streams import first_field, stream_id_key, to_str
 
 __all__ = ["TrimResult", "safe_floor", "trim"]
 

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentstreams.codec import decode_entry
-from agentstreams.connection import Redis, call
-from agentstreams.constants import (
+from agentstreams import _scripts as scripts
+from agentstreams._codec import decode_entry
+from agentstreams._connection import Redis, call
+from agentstreams._constants import (
     DLQ_FIELD_CONSUMER,
     DLQ_FIELD_DEAD_AT_MS,
     DLQ_FIELD_DELIVERIES,
@@ -27,10 +28,9 @@ from agentstreams.constants import (
     DLQ_FIELD_ORIGINAL_STREAM,
     DLQ_FIELD_REASON,
 )
+from agentstreams._events import Event
+from agentstreams._streams import dlq_key, entries_from_read_reply, to_str
 from agentstreams.errors import InvalidArgumentError
-from agentstreams.events import Event
-from agentstreams.runtime import scripts
-from agentstreams.runtime.streams import dlq_key, entries_from_read_reply, to_str
 
 __all__ = ["DeadLetter", "DeadLetterQueue", "dead_letter", "format_error"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from agentstreams.constants import KEY_DELIVERY_COUNT, KEY_EVENT_ID, KEY_MSG_ID
+from agentstreams._constants import KEY_DELIVERY_COUNT, KEY_EVENT_ID, KEY_MSG_ID
 
 __all__ = ["Event", "EventType"]
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from agentstreams.constants import (
+from agentstreams._constants import (
     B_FIELD_EVENT_ID,
     B_FIELD_JSON,
     B_FIELD_TRACEPARENT,
@@ -45,13 +45,13 @@ from agentstreams.constants import (
     FORMAT_VERSION_BYTES,
     MAX_NAME_LENGTH,
 )
+from agentstreams._events import Event, EventType
 from agentstreams.errors import (
     InvalidArgumentError,
     MalformedEventError,
     PayloadTooLargeError,
     SerializationError,
 )
-from agentstreams.events import Event, EventType
 
 __all__ = [
     "EncodedEntry",

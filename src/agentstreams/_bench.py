@@ -36,11 +36,11 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from agentstreams.codec import decode_entry, encode_event_resp
-from agentstreams.coordinator import AgentCoordinator
-from agentstreams.events import Event
-from agentstreams.runtime.publisher import Publisher
-from agentstreams.runtime.worker import Worker
+from agentstreams._codec import decode_entry, encode_event_resp
+from agentstreams._coordinator import AgentCoordinator
+from agentstreams._events import Event
+from agentstreams._publisher import Publisher
+from agentstreams._worker import Worker
 
 __all__ = [
     "BenchConfig",

@@ -1,1 +1,0 @@
-"""Runtime layer: publisher, worker, dead letters, retention."""
