@@ -24,7 +24,8 @@ PUBLIC_MODULES = [
 
 #: Everything a user needs, importable from the package itself (the list is the contract).
 EXPORTED = {
-    "AgentCoordinator", "AgentStreamsError", "BackpressureError", "ClosedError",
+    "AgentCoordinator", "AgentStreamsError", "AuthenticationError", "ConfigurationError",
+    "PermissionDeniedError", "TLSError", "BackpressureError", "ClosedError",
     "ConnectionLostError", "DeadLetter", "DeadLetterQueue", "Event", "EventType",
     "GroupNotFoundError", "Handler", "InvalidArgumentError", "MalformedEventError", "Observer",
     "PayloadTooLargeError", "PublishTimeoutError", "Publisher", "Reject", "Retry",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,10 +28,14 @@ from agentstreams._constants import (
 )
 from agentstreams.errors import (
     AgentStreamsError,
+    AuthenticationError,
     BackpressureError,
+    ConfigurationError,
     ConnectionLostError,
     GroupNotFoundError,
     InvalidArgumentError,
+    PermissionDeniedError,
+    TLSError,
     WrongTypeError,
 )
 
@@ -39,6 +45,7 @@ __all__ = [
     "Redis",
     "call",
     "create_client",
+    "is_permanent",
     "redact_url",
     "translate_error",
 ]
@@ -185,11 +192,67 @@ def create_client(settings: ConnectionSettings, **overrides: Any) -> Redis:
     return client
 
 
+#: Phrases of the replies a denied command or key gets (plain, or raised inside a script).
+_DENIED_PHRASES = ("NOPERM", "no permissions to", "can't run this command",
+                   "can't access at least one of the keys")
+_AUTH_PHRASES = ("WRONGPASS", "NOAUTH", "invalid username-password pair",
+                 "Authentication required", "invalid password")
+
+
+def _ssl_error_in(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind a connection error (redis-py wraps it), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _configuration_error(exc: BaseException, *, stream: str | None,
+                         group: str | None) -> ConfigurationError | None:
+    """The permanent error ``exc`` stands for (credentials, ACL, TLS), or None."""
+    text = str(exc)
+    if isinstance(exc, redis_exc.AuthenticationError) or (
+            isinstance(exc, redis_exc.ResponseError) and any(p in text for p in _AUTH_PHRASES)):
+        return AuthenticationError(
+            f"the server refused the credentials ({text}); check the user name and password "
+            "in the URL", stream=stream, group=group)
+    if isinstance(exc, redis_exc.NoPermissionError) or (
+            isinstance(exc, redis_exc.ResponseError) and any(p in text for p in _DENIED_PHRASES)):
+        match = re.search(r"run the '([^']+)' command", text)
+        command = match.group(1).upper() if match else None
+        what = f"the {command} command" if command else (
+            "a key" if "key" in text else "a command run by a server-side script")
+        return PermissionDeniedError(
+            f"the server's ACL denies {what} to this user ({text}); grant it (see "
+            "`agentstreams acl`) or use a user that has it", command=command, stream=stream,
+            group=group)
+    if isinstance(exc, redis_exc.ConnectionError | OSError):
+        tls = _ssl_error_in(exc)
+        if tls is not None or "SSL" in text or "certificate verify failed" in text:
+            return TLSError(
+                f"TLS failed ({tls or text}); check the CA (ssl_ca_certs), the client "
+                "certificate and that rediss:// points at a TLS port (and redis:// at a plain "
+                "one)", stream=stream, group=group)
+    return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for errors that retrying cannot fix (misconfiguration, a wrong key type)."""
+    return isinstance(exc, ConfigurationError | WrongTypeError)
+
+
 def translate_error(exc: BaseException, *, stream: str | None = None,
                     group: str | None = None) -> BaseException:
     """Map a redis-py exception to our hierarchy; other exceptions pass through unchanged."""
     if isinstance(exc, AgentStreamsError):
         return exc
+    permanent = _configuration_error(exc, stream=stream, group=group)
+    if permanent is not None:
+        return permanent
     if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | OSError):
         return ConnectionLostError(
             f"lost the connection to the server ({type(exc).__name__}: {exc}); "

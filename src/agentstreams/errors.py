@@ -6,6 +6,10 @@
     * PayloadTooLargeError — an event is bigger than the configured limit.
   * ConnectionLostError — the server is unreachable or stopped answering; safe to retry.
     * PublishTimeoutError — a publish may or may not have landed; retry with an idempotency key.
+  * ConfigurationError — the deployment is misconfigured; retrying cannot help (never retried).
+    * AuthenticationError — wrong or missing user name or password.
+    * PermissionDeniedError — an ACL denies a command or a key (NOPERM); names the command.
+    * TLSError — a TLS handshake or certificate check failed (or TLS met a plain-text port).
   * BackpressureError — the server refused a write (out of memory, read-only replica).
   * GroupNotFoundError — the consumer group (or its stream) does not exist (NOGROUP).
   * WrongTypeError — a key holds something other than a stream.
@@ -28,17 +32,21 @@ import redis.exceptions as _redis_exc
 
 __all__ = [
     "AgentStreamsError",
+    "AuthenticationError",
     "BackpressureError",
     "ClosedError",
+    "ConfigurationError",
     "ConnectionLostError",
     "GroupNotFoundError",
     "InvalidArgumentError",
     "MalformedEventError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "PublishTimeoutError",
     "Reject",
     "Retry",
     "SerializationError",
+    "TLSError",
     "WrongTypeError",
 ]
 
@@ -83,6 +91,35 @@ class ConnectionLostError(AgentStreamsError, _redis_exc.ConnectionError):
 
 class PublishTimeoutError(ConnectionLostError):
     """A publish got no reply: it may have been written. Retry with an ``idempotency_key``."""
+
+
+class ConfigurationError(AgentStreamsError):
+    """The deployment is misconfigured (credentials, ACLs, TLS): fix it; retrying cannot help.
+
+    Loops that retry transient faults (a restarting server, a lost connection) never retry
+    these: a worker stops and ``run()`` raises, so the fault is seen instead of idling.
+    """
+
+
+class AuthenticationError(ConfigurationError):
+    """The server refused the user name or password (or wants one and got none)."""
+
+
+class PermissionDeniedError(ConfigurationError, _redis_exc.ResponseError):
+    """An ACL denies a command or a key (NOPERM). ``command`` names it when the server said.
+
+    See ``agentstreams acl`` for the rules each role needs.
+    """
+
+    def __init__(self, message: str, *, command: str | None = None, stream: str | None = None,
+                 group: str | None = None) -> None:
+        super().__init__(message, stream=stream, group=group)
+        self.command = command
+
+
+class TLSError(ConfigurationError):
+    """A TLS handshake or certificate check failed, or TLS met a plain-text port (or the
+    reverse): check the URL scheme, the CA and the client certificate."""
 
 
 class BackpressureError(AgentStreamsError, _redis_exc.ResponseError):
