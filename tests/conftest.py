@@ -178,3 +178,12 @@ async def clients_named(raw: aioredis.Redis, name: str) -> list[dict[str, str]]:
     """CLIENT LIST entries of the connections that set this client name."""
     clients: Any = await raw.client_list()
     return [c for c in clients if c.get("name") == name]
+
+
+async def kill_clients_named(raw: aioredis.Redis, name: str) -> int:
+    """Close the connections that set this client name, and only those (the server may be
+    shared: never kill what the test did not create). Returns how many were killed."""
+    killed = 0
+    for info in await clients_named(raw, name):
+        killed += int(await raw.client_kill_filter(_id=info["id"]))
+    return killed

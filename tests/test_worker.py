@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,7 +22,7 @@ from agentstreams import (
 from agentstreams._dlq import DeadLetterQueue
 from agentstreams._publisher import Publisher
 from agentstreams.server import LocalServer
-from conftest import wait_for
+from conftest import kill_clients_named, wait_for
 
 # Small knobs keep the suite quick: recovery bound = visibility + reclaim + block + handler.
 FAST: dict[str, Any] = {
@@ -458,7 +459,8 @@ async def test_stop_deadline_leaves_unfinished_handlers_pending(
 async def test_worker_reconnects_after_client_kill(
         redis_url: str, raw: aioredis.Redis, stream_name: str, publisher: Publisher,
         workers: list[Worker]) -> None:
-    worker = make_worker(workers, redis_url, stream_name, consumer_name="killme")
+    consumer = f"killme-{uuid.uuid4().hex[:8]}"
+    worker = make_worker(workers, redis_url, stream_name, consumer_name=consumer)
     seen: list[int] = []
 
     @worker.handler()
@@ -468,7 +470,7 @@ async def test_worker_reconnects_after_client_kill(
     await worker.start()
     await publisher.publish("task", {"n": 0})
     await wait_for(counter_reaches(lambda: len(seen), 1))
-    killed = await raw.client_kill_filter(_type="normal", skipme=True)
+    killed = await kill_clients_named(raw, f"agentstreams:{consumer}")
     assert killed >= 1
     await publisher.publish("task", {"n": 1})
     await wait_for(counter_reaches(lambda: len(seen), 2), message="delivery after CLIENT KILL")
@@ -481,7 +483,8 @@ async def test_reconnect_does_not_rerun_handled_events_whose_ack_is_unsent(
         workers: list[Worker]) -> None:
     """After a reconnect the worker re-reads its pending entries; one whose handler already
     finished but whose XACK has not gone through yet must not run a second time."""
-    worker = make_worker(workers, redis_url, stream_name, consumer_name="slow-acker")
+    consumer = f"slow-acker-{uuid.uuid4().hex[:8]}"
+    worker = make_worker(workers, redis_url, stream_name, consumer_name=consumer)
     seen: list[int] = []
 
     @worker.handler()
@@ -501,7 +504,7 @@ async def test_reconnect_does_not_rerun_handled_events_whose_ack_is_unsent(
         await publisher.publish("task", {"n": 0})
         await wait_for(counter_reaches(lambda: len(seen), 1))
         assert await pending_count(raw, stream_name) == 1  # handled, not yet acknowledged
-        await raw.client_kill_filter(_type="normal", skipme=True)
+        assert await kill_clients_named(raw, f"agentstreams:{consumer}") >= 1
         await wait_for(counter_reaches(lambda: worker.stats.reconnects, 1),
                            message="reader reconnect")
         await publisher.publish("task", {"n": 1})
