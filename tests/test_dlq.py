@@ -34,11 +34,10 @@ async def deliver(raw: aioredis.Redis, stream: str, entries: list[dict[bytes, by
 
 
 async def kill(client: aioredis.Redis, stream: str, msg_id: str, fields: dict[bytes, bytes],
-               reason: str = "max_deliveries", consumer: str = "w",
-               owner_only: bool = True) -> str | None:
+               reason: str = "max_deliveries", consumer: str = "w") -> str | None:
     return await dead_letter(client, stream=stream, group="g", consumer=consumer, msg_id=msg_id,
                              fields=fields, reason=reason, error="ValueError: boom",
-                             deliveries=5, owner_only=owner_only)
+                             deliveries=5)
 
 
 def test_dlq_key_shares_the_stream_slot() -> None:
@@ -78,10 +77,28 @@ async def test_dead_letter_is_a_no_op_when_someone_else_has_the_entry(
     assert await kill(client, stream_name, msg_id, fields, consumer="other") is None
     assert await raw.xlen(dlq_key(stream_name)) == 0
     assert len(await pending_rows(raw, stream_name, "g")) == 1
-    assert await kill(client, stream_name, msg_id, fields, consumer="other",
-                      owner_only=False) is not None
+    assert await kill(client, stream_name, msg_id, fields, consumer="owner") is not None
     # Already acknowledged now: a second move does nothing (never in both places).
-    assert await kill(client, stream_name, msg_id, fields, owner_only=False) is None
+    assert await kill(client, stream_name, msg_id, fields, consumer="owner") is None
+    assert await raw.xlen(dlq_key(stream_name)) == 1
+
+
+@pytest.mark.parametrize("field_count", [10, 3_600, 5_000])
+async def test_dead_letter_keeps_every_original_field(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str, field_count: int) -> None:
+    """Every field survives, also beyond what one script call can take (Lua holds about
+    8,000 arguments): such entries move through a lease check and a transaction."""
+    fields = {b"type": b"t", **{f"f{i}".encode(): str(i).encode() for i in range(field_count)}}
+    [msg_id] = await deliver(raw, stream_name, [fields], consumer="owner")
+    assert await kill(client, stream_name, msg_id, fields, consumer="other") is None
+    assert await raw.xlen(dlq_key(stream_name)) == 0
+    dlq_id = await kill(client, stream_name, msg_id, fields, consumer="owner")
+    assert dlq_id is not None
+    assert await pending_rows(raw, stream_name, "g") == []
+    letter = await DeadLetterQueue(client, stream_name).get(dlq_id)
+    assert letter is not None
+    assert letter.fields == fields
+    assert await kill(client, stream_name, msg_id, fields, consumer="owner") is None
     assert await raw.xlen(dlq_key(stream_name)) == 1
 
 

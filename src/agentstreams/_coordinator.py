@@ -9,6 +9,7 @@ and a lost connection is retried instead of ending the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -16,7 +17,6 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from agentstreams._codec import decode_entry
 from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
 from agentstreams._constants import (
     DEFAULT_BLOCK_MS,
@@ -25,36 +25,32 @@ from agentstreams._constants import (
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_SOCKET_TIMEOUT_S,
-    DLQ_REASON_MALFORMED,
-    DLQ_REASON_MAX_DELIVERIES,
     SOCKET_TIMEOUT_MARGIN_S,
 )
-from agentstreams._dlq import DeadLetterQueue, dead_letter
-from agentstreams._events import Event, EventType
+from agentstreams._dlq import DeadLetterQueue
+from agentstreams._events import EventType
+from agentstreams._intake import Intake
 from agentstreams._observe import get_observer
 from agentstreams._publisher import Publisher, StreamCap
 from agentstreams._retention import trim
 from agentstreams._streams import (
     RawEntry,
     ack,
-    autoclaim_all,
-    delivery_counts,
     ensure_group,
     first_field,
-    read_group,
     to_str,
     validate_name,
 )
 from agentstreams.errors import (
+    BackpressureError,
     ConnectionLostError,
     GroupNotFoundError,
     InvalidArgumentError,
-    MalformedEventError,
 )
 
 __all__ = ["AgentCoordinator"]
 
-logger = logging.getLogger("agentstreams._coordinator")
+logger = logging.getLogger("agentstreams.coordinator")
 
 #: Entries fetched per XREADGROUP in subscribe, as the reference did: a caller that stops early
 #: leaves at most this many read-ahead entries pending on its consumer.
@@ -319,40 +315,14 @@ class AgentCoordinator:
         self._derived_groups.add(derived)
         return derived
 
-    async def _dead_letter(self, client: Redis, group: str, msg_id: str,
-                           fields: Mapping[bytes, bytes] | None, reason: str, error: str,
-                           deliveries: int) -> None:
-        assert self._consumer_name is not None
-        dlq_id = await dead_letter(client, stream=self._stream_name, group=group,
-                                   consumer=self._consumer_name, msg_id=msg_id, fields=fields,
-                                   reason=reason, error=error, deliveries=deliveries)
-        if dlq_id is not None:
-            get_observer().on_dead_lettered(self._stream_name, group, reason)
-        logger.warning("dead-lettered %s from %r (%s: %s)", msg_id, self._stream_name, reason,
-                       error, extra=self._log_extra(group, msg_id=msg_id, dlq_id=dlq_id))
-
     def _log_extra(self, group: str, **more: Any) -> dict[str, Any]:
         return {"stream": self._stream_name, "group": group, "consumer": self._consumer_name,
                 **more}
 
-    async def _decode_or_dead_letter(self, client: Redis, group: str, entry: RawEntry,
-                                     deliveries: int) -> Event | None:
-        msg_id, fields = entry
-        if fields is None:
-            logger.warning("pending entry %s of %r was deleted or trimmed before it was "
-                           "acknowledged; it is lost", msg_id, self._stream_name,
-                           extra=self._log_extra(group, msg_id=msg_id))
-            get_observer().on_lost(self._stream_name, group, 1)
-            await ack(client, self._stream_name, group, [msg_id])
-            return None
-        try:
-            return decode_entry(msg_id, fields, stream=self._stream_name,
-                                delivery_count=deliveries, max_event_bytes=self._max_event_bytes)
-        except MalformedEventError as exc:
-            get_observer().on_malformed(self._stream_name, group)
-            await self._dead_letter(client, group, msg_id, fields, DLQ_REASON_MALFORMED,
-                                    exc.reason, deliveries)
-            return None
+    def _intake(self, client: Redis, group: str) -> Intake:
+        assert self._consumer_name is not None
+        return Intake(client, self._stream_name, group, self._consumer_name,
+                      max_deliveries=self._max_deliveries, max_event_bytes=self._max_event_bytes)
 
     async def subscribe(
         self,
@@ -368,7 +338,7 @@ class AgentCoordinator:
         ``timeout_ms`` without events (0 = wait indefinitely). A lost connection is retried
         with backoff. Unreadable entries go to the dead-letter stream.
         """
-        group, consumer = self._require_group("subscription")
+        group, _ = self._require_group("subscription")
         _check_int("timeout_ms", timeout_ms)
         _check_int("max_events", max_events, allow_none=True)
         if event_types is not None:
@@ -382,9 +352,12 @@ class AgentCoordinator:
         client = await self._get_client()
         if wanted:
             group = await self._filter_group(client, group, sorted(wanted))
+        intake = self._intake(client, group)
         yielded = 0
         backoff = Backoff()
-        pending_cursor: str | None = "0"  # None once our own pending entries are drained
+        # A bounded subscription ends when the server stays unreachable for its timeout too.
+        outage_limit_s = timeout_ms / 1000 if max_events is not None and timeout_ms else None
+        last_contact = time.monotonic()
         while True:
             _raise_if_cancel_was_swallowed()
             # Never read more than the caller will take: read-ahead beyond max_events would be
@@ -392,52 +365,45 @@ class AgentCoordinator:
             read_count = SUBSCRIBE_READ_COUNT if max_events is None \
                 else min(SUBSCRIBE_READ_COUNT, max_events - yielded)
             try:
-                if pending_cursor is not None:
-                    entries = await read_group(client, self._stream_name, group, consumer,
-                                               start_id=pending_cursor, count=read_count)
+                if intake.reading_pending:
+                    entries, counts = await intake.read(read_count, None)
                     if not entries:
-                        pending_cursor = None
                         continue
-                    pending_cursor = entries[-1][0]
-                    counts = await delivery_counts(client, self._stream_name, group,
-                                                   [e[0] for e in entries], consumer)
                 else:
-                    entries = await self._blocking_read(client, group, consumer, timeout_ms,
-                                                        read_count)
+                    entries = await self._blocking_read(intake, timeout_ms, read_count)
+                    counts = None
                     if not entries:
                         if max_events is not None:
                             return
                         continue
-                    counts = {}
                 backoff.reset()
-                get_observer().on_delivered(self._stream_name, group, len(entries))
-            except GroupNotFoundError:
-                logger.warning("group %r vanished from %r (stream deleted?); re-creating it "
-                               "at the start of the stream", group, self._stream_name,
-                               extra=self._log_extra(group))
-                await self._recover_group(client, group)
-                pending_cursor = "0"
-                continue
-            except ConnectionLostError as exc:
+                last_contact = time.monotonic()
+            except (GroupNotFoundError, ConnectionLostError, BackpressureError) as exc:
+                if isinstance(exc, ConnectionLostError):
+                    get_observer().on_reconnect(self._stream_name, group)
+                down_s = time.monotonic() - last_contact
+                if outage_limit_s is not None and down_s >= outage_limit_s:
+                    raise ConnectionLostError(
+                        f"the server stayed unreachable for {down_s:.1f}s, longer than this "
+                        f"subscription's timeout ({exc})", stream=self._stream_name,
+                        group=group) from exc
                 delay = backoff.next_delay()
-                get_observer().on_reconnect(self._stream_name, group)
-                logger.warning("subscribe lost its connection (%s); retrying in %.2fs", exc,
-                               delay, extra=self._log_extra(group))
+                if outage_limit_s is not None:
+                    delay = min(delay, max(0.0, outage_limit_s - down_s))
+                logger.warning("subscribe: %s; retrying in %.2fs", exc, delay,
+                               extra=self._log_extra(group))
                 await asyncio.sleep(delay)
-                pending_cursor = "0"  # a lost reply may have left entries pending for us
+                if isinstance(exc, GroupNotFoundError):
+                    with contextlib.suppress(ConnectionLostError, BackpressureError):
+                        await intake.recreate_group()
+                intake.restart_pending()  # a lost reply may have left entries pending for us
                 continue
-            for entry in entries:
+            batch = intake.sort(entries, counts)
+            if batch.lost:
+                await ack(client, self._stream_name, group, batch.lost)
+            await intake.dead_letter_all(batch.dead)
+            for event in batch.events:
                 _raise_if_cancel_was_swallowed()
-                deliveries = counts.get(entry[0], 1)
-                if deliveries > self._max_deliveries:
-                    await self._dead_letter(client, group, entry[0], entry[1],
-                                            DLQ_REASON_MAX_DELIVERIES,
-                                            f"delivered {deliveries} times without an ack",
-                                            deliveries)
-                    continue
-                event = await self._decode_or_dead_letter(client, group, entry, deliveries)
-                if event is None:
-                    continue
                 if wanted is not None and event.type not in wanted:
                     await ack(client, self._stream_name, group, [event.msg_id])
                     continue
@@ -447,9 +413,9 @@ class AgentCoordinator:
                 if max_events is not None and yielded >= max_events:
                     return
 
-    async def _blocking_read(self, client: Redis, group: str, consumer: str,
-                             timeout_ms: int, count: int) -> list[RawEntry]:
-        """XREADGROUP ``>``, blocking up to ``timeout_ms`` in slices shorter than the socket
+    async def _blocking_read(self, intake: Intake, timeout_ms: int,
+                             count: int) -> list[RawEntry]:
+        """New entries, blocking up to ``timeout_ms`` in slices shorter than the socket
         timeout (0 = indefinitely), so a half-open connection is noticed."""
         deadline = None if timeout_ms == 0 else time.monotonic() + timeout_ms / 1000
         while True:
@@ -461,8 +427,7 @@ class AgentCoordinator:
                 if remaining_ms <= 0:
                     return []
                 block = min(remaining_ms, self._max_block_ms)
-            entries = await read_group(client, self._stream_name, group, consumer,
-                                       start_id=">", count=count, block_ms=block)
+            entries, _ = await intake.read(count, block)
             if entries:
                 return entries
 
@@ -477,13 +442,6 @@ class AgentCoordinator:
                 await asyncio.sleep(backoff.next_delay())
         logger.warning("could not acknowledge %s; it stays pending and will be redelivered",
                        msg_id, extra=self._log_extra(group, msg_id=msg_id))
-
-    async def _recover_group(self, client: Redis, group: str) -> None:
-        try:
-            await call(lambda: ensure_group(client, self._stream_name, group, "0"),
-                       stream=self._stream_name, group=group)
-        except ConnectionLostError:
-            await asyncio.sleep(Backoff().next_delay())
 
     async def ack(self, *msg_ids: str) -> int:
         """Acknowledge events by ``_msg_id``; returns how many were still pending."""
@@ -504,26 +462,14 @@ class AgentCoordinator:
         ``ack()`` once handled. Entries delivered more than ``max_deliveries`` times go to the
         dead-letter stream instead; entries trimmed while pending are logged and skipped.
         """
-        group, consumer = self._require_group("claiming")
+        group, _ = self._require_group("claiming")
         _check_int("min_idle_ms", min_idle_ms)
         client = await self._get_client()
-        claimed, _deleted = await autoclaim_all(client, self._stream_name, group, consumer,
-                                                min_idle_ms=min_idle_ms)
-        counts = await delivery_counts(client, self._stream_name, group,
-                                       [e[0] for e in claimed], consumer)
-        out: list[dict[str, Any]] = []
-        for entry in claimed:
-            deliveries = counts.get(entry[0], 1)
-            if deliveries > self._max_deliveries:
-                await self._dead_letter(client, group, entry[0], entry[1],
-                                        DLQ_REASON_MAX_DELIVERIES,
-                                        f"delivered {deliveries} times without an ack",
-                                        deliveries)
-                continue
-            event = await self._decode_or_dead_letter(client, group, entry, deliveries)
-            if event is not None:
-                out.append(event.to_dict(with_delivery_count=True))
-        return out
+        intake = self._intake(client, group)
+        claimed, counts = await intake.claim_idle(min_idle_ms)
+        batch = intake.sort(claimed, counts)
+        await intake.dead_letter_all(batch.dead)
+        return [event.to_dict(with_delivery_count=True) for event in batch.events]
 
     # ---------------------------------------------------------------- inspection and retention
 

@@ -40,8 +40,9 @@ _META_FIELDS = (
 )
 _META_BYTES = frozenset(name.encode() for name in _META_FIELDS)
 _COLLISION_PREFIX = b"_orig_"
-#: Scripts take at most this many field/value pairs (Lua's unpack limit is ~8,000 values).
-MAX_DEAD_LETTER_FIELDS = 3000
+#: Arguments a server-side script takes at most (Lua's C stack holds about 8,000 values); a
+#: dead letter with more fields is moved by a transaction instead (see ``dead_letter``).
+_SCRIPT_ARGS_MAX = 7000
 
 
 def format_error(exc: BaseException | None) -> str:
@@ -65,10 +66,7 @@ def _dead_letter_fields(stream: str, group: str, consumer: str, msg_id: str,
         DLQ_FIELD_DELIVERIES, str(deliveries),
         DLQ_FIELD_DEAD_AT_MS, str(int(time.time() * 1000)),
     ]
-    for index, (key, value) in enumerate(fields.items()):
-        if index >= MAX_DEAD_LETTER_FIELDS:
-            pairs += ["_truncated_fields", str(len(fields) - MAX_DEAD_LETTER_FIELDS)]
-            break
+    for key, value in fields.items():
         pairs.append(_COLLISION_PREFIX + key if key in _META_BYTES else key)
         pairs.append(value)
     return pairs
@@ -85,20 +83,38 @@ async def dead_letter(
     reason: str,
     error: str,
     deliveries: int,
-    owner_only: bool = True,
 ) -> str | None:
-    """Move a pending entry to the dead-letter stream and ack it, in one atomic step.
+    """Move a pending entry of ``consumer`` to the dead-letter stream and ack it, atomically,
+    keeping every original field.
 
     Returns the dead-letter id, or None when the entry was no longer pending for this consumer
     (another consumer claimed or acknowledged it first).
     """
-    script = client.register_script(scripts.DEAD_LETTER)
-    args = [group, consumer if owner_only else "", msg_id,
-            *_dead_letter_fields(stream, group, consumer, msg_id, fields or {}, reason, error,
-                                 deliveries)]
-    result = await call(lambda: script(keys=[stream, dlq_key(stream)], args=args),
-                        stream=stream, group=group)
-    return None if result is None else to_str(result)
+    pairs = _dead_letter_fields(stream, group, consumer, msg_id, fields or {}, reason, error,
+                                deliveries)
+    keys = [stream, dlq_key(stream)]
+    if len(pairs) + 3 <= _SCRIPT_ARGS_MAX:
+        script = client.register_script(scripts.DEAD_LETTER)
+        args = [group, consumer, msg_id, *pairs]
+        result = await call(lambda: script(keys=keys, args=args), stream=stream, group=group)
+        return None if result is None else to_str(result)
+    # Too many fields for one script call. Renewing the lease checks that the entry is still
+    # ours and resets its idle time, so no reclaimer can take it for a visibility timeout;
+    # the transaction then writes the dead letter and the XACK together.
+    renew = client.register_script(scripts.RENEW_LEASES)
+    lost = await call(lambda: renew(keys=[stream], args=[group, consumer, msg_id]),
+                      stream=stream, group=group)
+    if lost:
+        return None
+
+    async def move() -> Any:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys[1], dict(zip(pairs[::2], pairs[1::2], strict=True)))
+            pipe.xack(stream, group, msg_id)
+            return await pipe.execute()
+
+    replies = await call(move, stream=stream, group=group)
+    return to_str(replies[0])
 
 
 @dataclass(slots=True)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Final
 
 #: Move one pending entry to the dead-letter stream and acknowledge it, atomically.
-#: KEYS: stream, dlq. ARGV: group, consumer ('' = any owner), msg id, field/value pairs...
+#: KEYS: stream, dlq. ARGV: group, consumer, msg id, field/value pairs...
 #: Returns the dead-letter id, or nil when the entry is no longer pending (or is owned by
 #: another consumer): someone else already handled it.
 DEAD_LETTER: Final = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 then return false end
-if ARGV[2] ~= '' and p[1][2] ~= ARGV[2] then return false end
+if p[1][2] ~= ARGV[2] then return false end
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))

@@ -7,16 +7,22 @@ What it guarantees, and how:
 * A handler that raises is retried with exponential backoff; every attempt is counted by the
   server (the retry re-claims the entry with XCLAIM, which raises its delivery count). After
   ``max_deliveries`` attempts the entry moves to ``{stream}:dlq`` atomically with the error.
-* At start-up the worker finishes its own pending entries first. In the background it claims
-  entries other consumers have held longer than ``visibility_timeout_ms`` (XAUTOCLAIM,
-  following the cursor), and removes consumers that are long gone and own nothing.
-* While a handler runs, the lease on its entry is renewed (XCLAIM JUSTID, not a delivery), so a
-  slow handler is never stolen by the reclaimer of another worker.
-* Reads are bytes, decoded per entry: one bad entry is dead-lettered as ``malformed`` and the
-  rest of the batch goes on. Lost connections are retried with jittered backoff; a blocking read
-  always returns before the socket timeout, so a half-open connection is noticed.
+* Entries arrive through an ``Intake`` (``_intake.py``), the same path the coordinator's
+  ``subscribe`` uses: own pending entries first, then new ones; what cannot run is
+  dead-lettered after the good entries of its batch were queued.
+* In the background it claims entries other consumers have held longer than
+  ``visibility_timeout_ms`` (XAUTOCLAIM, following the cursor), and removes consumers that are
+  long gone and own nothing.
+* Leases are renewed (XCLAIM JUSTID, not a delivery) only for entries whose handler is running,
+  so a slow handler is never stolen, and what a stuck worker merely holds is claimable by others.
+* No silent stalls: every background task (runners, reader, acker, retrier, reclaimer, lease
+  renewer) is supervised. A transient fault (lost connection, restart, OOM) is retried with
+  backoff and logged once per episode; an unexpected exception is logged with its traceback and
+  the task restarted; a misconfiguration (credentials, ACL, TLS, a key that is not a stream)
+  stops the worker, and ``start()``/``run()`` raise it.
 * ``stop()`` / SIGTERM / SIGINT: stop reading, let in-flight handlers finish up to a deadline,
-  acknowledge them, exit. What did not finish stays pending for the others.
+  acknowledge them, exit, within the deadline plus ``STOP_GRACE_S``. What did not finish stays
+  pending for the others.
 """
 
 from __future__ import annotations
@@ -29,44 +35,43 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
 from agentstreams import _scripts as scripts
-from agentstreams._codec import decode_entry
-from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
+from agentstreams._connection import (
+    Backoff,
+    ConnectionSettings,
+    Redis,
+    call,
+    create_client,
+    is_permanent,
+)
 from agentstreams._constants import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_VISIBILITY_TIMEOUT_MS,
-    DLQ_REASON_MALFORMED,
     DLQ_REASON_MAX_DELIVERIES,
     DLQ_REASON_REJECTED,
+    RECONNECT_BACKOFF_BASE_S,
+    RECONNECT_BACKOFF_CAP_S,
     SOCKET_TIMEOUT_MARGIN_S,
 )
-from agentstreams._dlq import dead_letter, format_error
+from agentstreams._dlq import format_error
 from agentstreams._events import Event, EventType
+from agentstreams._intake import DeadLetterRequest, Intake
 from agentstreams._lifecycle import serve_until_stopped
 from agentstreams._observe import Observer, get_observer
-from agentstreams._streams import (
-    RawEntry,
-    autoclaim_all,
-    delivery_counts,
-    ensure_group,
-    entries_from_read_reply,
-    first_field,
-    to_str,
-    validate_name,
-)
+from agentstreams._streams import RawEntry, ensure_group, first_field, to_str, validate_name
 from agentstreams.errors import (
     AgentStreamsError,
+    BackpressureError,
     ConnectionLostError,
     GroupNotFoundError,
     InvalidArgumentError,
-    MalformedEventError,
     Reject,
     Retry,
 )
@@ -82,10 +87,9 @@ Handler = Callable[[Event], Awaitable[Any]]
 _ANY = "*"
 #: How many XACK ids go into one command at most.
 ACK_BATCH_MAX = 1000
-#: Delay before the first reconnect attempt; grows to RECONNECT_CAP_S.
-RECONNECT_BASE_S = 0.05
-RECONNECT_CAP_S = 5.0
-
+#: Faults every loop rides out with backoff: the server is unreachable, restarting, out of
+#: memory, read-only during a failover, or the group vanished for a moment.
+_TRANSIENT = (ConnectionLostError, BackpressureError, GroupNotFoundError)
 
 #: With the default prefetch, while handlers are fast the worker may hold up to this much
 #: estimated queued work (seconds per concurrency slot) beyond the running handlers, up to
@@ -95,40 +99,29 @@ PREFETCH_WORK_BUDGET_S = 0.05
 #: Weight of the newest handler duration in the running average that sizes the prefetch.
 HANDLER_TIME_EWMA = 0.05
 
+#: What stop() may take beyond its drain deadline: cancelling runners, the last XACK, closing.
+#: Each step gets what is left of it, so a frozen server cannot stretch a stop.
+STOP_GRACE_S = 1.0
+#: A background task that fails unexpectedly this many times within the window below cannot
+#: recover by restarting: the worker stops and run() raises instead of idling.
+TASK_FAILURE_LIMIT = 5
+TASK_FAILURE_WINDOW_S = 60.0
+#: Slack for the retry's XCLAIM min-idle check (server and client clocks tick apart).
+RETRY_CLAIM_SLACK_MS = 50
 
-#: How long stop() waits for a cancelled background task before giving up on it. redis-py can
-#: turn a cancellation into a connection error; the loops then notice the stop flag instead.
-TASK_SETTLE_TIMEOUT_S = 5.0
 
-
-async def _settle(tasks: Sequence[asyncio.Task[None]]) -> None:
-    """Wait for cancelled tasks to finish, without hanging on one that swallowed its cancel."""
+async def _settle(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for cancelled tasks to finish; never hang on one."""
     if not tasks:
         return
-    _done, pending = await asyncio.wait(tasks, timeout=TASK_SETTLE_TIMEOUT_S)
+    _done, pending = await asyncio.wait(tasks, timeout=max(timeout_s, 0.001))
     for task in pending:
         logger.warning("background task %s did not stop in time", task.get_name(),
                        extra={"task": task.get_name()})
-        task.cancel()
 
 
-def _entries_fast(reply: Any) -> list[RawEntry] | None:
-    """The entries of a RESP2 XREADGROUP reply on one stream from a bytes client, without
-    copying their field dicts; None when the reply has another shape (use the general path)."""
-    if not reply:
-        return []
-    if type(reply) is not list or len(reply) != 1:
-        return None
-    out: list[RawEntry] = []
-    for msg_id, fields in reply[0][1]:
-        if type(msg_id) is not bytes or (fields and type(fields) is not dict):
-            return None
-        out.append((msg_id.decode(), fields or None))
-    if out and out[0][1] is not None:
-        first_key = next(iter(out[0][1]))  # a decode_responses client gives str: general path
-        if type(first_key) is not bytes:
-            return None
-    return out
+class WorkerFailedError(AgentStreamsError):
+    """A background task of the worker kept failing; the worker stopped (see the cause)."""
 
 
 #: (server, warning) pairs already logged by this process: see Worker._probe_server.
@@ -145,6 +138,8 @@ class WorkerStats:
     failed: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    #: dead-letter moves that failed for now (the entry stayed pending and comes back)
+    dead_letter_failures: int = 0
     malformed: int = 0
     unhandled: int = 0
     claimed: int = 0
@@ -153,6 +148,8 @@ class WorkerStats:
     leases_renewed: int = 0
     leases_lost: int = 0
     consumers_removed: int = 0
+    #: background tasks restarted after an unexpected exception
+    task_restarts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -162,10 +159,39 @@ class WorkerStats:
 @dataclass(slots=True)
 class _InFlight:
     event: Event
-    #: monotonic time of the delivery or of the last lease renewal
+    #: the entry as read: a failed handler's dead letter keeps exactly these fields
+    fields: dict[bytes, bytes]
+    #: monotonic time the server last touched the entry for us, at the latest (the reply to
+    #: its delivery or to a lease renewal came back then)
     leased_at: float
     #: True while a handler runs it (False while queued or waiting for a retry)
     running: bool = False
+
+
+class _Episode:
+    """Logs a run of transient failures once (its start and its end), not every retry."""
+
+    def __init__(self, what: str, extra: dict[str, Any]) -> None:
+        self.what = what
+        self.extra = extra
+        self.failures = 0
+        self.since = 0.0
+
+    def failed(self, exc: BaseException, delay_s: float) -> None:
+        if self.failures == 0:
+            self.since = time.monotonic()
+            logger.warning("%s failed (%s); retrying with backoff (next in %.2fs)", self.what,
+                           exc, delay_s, extra=self.extra)
+        else:
+            logger.debug("%s failed again (%s); retrying in %.2fs", self.what, exc, delay_s,
+                         extra=self.extra)
+        self.failures += 1
+
+    def recovered(self) -> None:
+        if self.failures:
+            logger.info("%s works again after %d failed attempts (%.1fs)", self.what,
+                        self.failures, time.monotonic() - self.since, extra=self.extra)
+            self.failures = 0
 
 
 class Worker:
@@ -202,7 +228,6 @@ class Worker:
         group_start_id: str = "0",
         probe_server: bool = True,
         observer: Observer | None = None,
-        metrics_port: int | None = None,
     ) -> None:
         self.stream = validate_name("stream_name", stream_name)
         self.group = validate_name("consumer_group", consumer_group)
@@ -252,10 +277,9 @@ class Worker:
         self.max_event_bytes = max_event_bytes
         self.group_start_id = group_start_id
         self.probe_server = probe_server
+        #: receives what the worker does (``agentstreams.metrics.attach_worker_metrics`` sets
+        #: a Prometheus one); None: the process-wide observer
         self.observer = observer
-        #: serve Prometheus metrics on this port from start() to stop() (extra ``metrics``)
-        self.metrics_port = metrics_port
-        self._metrics: Any = None
         #: how many entries may be held locally (running + queued + waiting to retry)
         self.max_in_flight = concurrency + self.prefetch
 
@@ -302,6 +326,10 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[asyncio.Task[None]] = []
         self._started = False
+        self._stop_started = False
+        #: what made the worker stop on its own (a misconfiguration, a task that kept failing)
+        self._failure: BaseException | None = None
+        self._intake: Intake | None = None
         self._lease_script: Any = None
         self._cleanup_script: Any = None
 
@@ -338,6 +366,16 @@ class Worker:
             raise AgentStreamsError("the worker has not been started")
         return self._client
 
+    @property
+    def running(self) -> bool:
+        """True from a successful ``start()`` until a stop was asked for or the worker failed."""
+        return self._started and self.ready.is_set() and not self._stopping.is_set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the worker stopped on its own (``run()`` raises it), or None."""
+        return self._failure
+
     def _obs(self) -> Observer:
         return self.observer or get_observer()
 
@@ -345,80 +383,116 @@ class Worker:
         return {"stream": self.stream, "group": self.group, "consumer": self.consumer, **more}
 
     async def start(self) -> None:
-        """Connect, create the group, start the loops; returns once the first read is issued."""
+        """Connect, create the group, start the loops; returns once the first read is issued.
+
+        Raises a ``ConfigurationError`` (credentials, ACL, TLS) or ``WrongTypeError`` at once;
+        an unreachable or restarting server is waited for, with backoff.
+        """
         if self._started:
+            if self._failure is not None:
+                raise self._failure
             return
         if not self._handlers:
             raise InvalidArgumentError("register at least one handler before starting the worker")
         self._started = True
-        if self.metrics_port is not None:
-            from agentstreams.metrics import attach_worker_metrics
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(timeout_s=0)
+            raise
+        logger.info("worker %s consuming %r as group %r", self.consumer, self.stream, self.group,
+                    extra=self._log_extra())
 
-            self._metrics = attach_worker_metrics(
-                self, self.metrics_port,
-                redis_url=self._settings.url if self._settings is not None else None)
+    async def _start(self) -> None:
         if self._external_client is not None:
             self._client = self._external_client
         else:
             assert self._settings is not None
             self._client = create_client(self._settings)
-        self._lease_script = self._client.register_script(scripts.RENEW_LEASES)
-        self._cleanup_script = self._client.register_script(scripts.DELETE_IDLE_CONSUMER)
-        backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
+        client = self._client
+        self._lease_script = client.register_script(scripts.RENEW_LEASES)
+        self._cleanup_script = client.register_script(scripts.DELETE_IDLE_CONSUMER)
+        self._intake = Intake(client, self.stream, self.group, self.consumer,
+                              max_deliveries=self.max_deliveries,
+                              max_event_bytes=self.max_event_bytes, counters=self.stats,
+                              observer=self._obs)
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        episode = _Episode("creating the consumer group", self._log_extra())
         while True:
             try:
-                await call(lambda: ensure_group(self.client, self.stream, self.group,
+                await call(lambda: ensure_group(client, self.stream, self.group,
                                                 self.group_start_id),
                            stream=self.stream, group=self.group)
+                episode.recovered()
                 break
-            except ConnectionLostError as exc:
+            except (ConnectionLostError, BackpressureError) as exc:
                 if self._stopping.is_set():
                     raise
                 delay = backoff.next_delay()
-                logger.warning("cannot reach the server (%s); retrying in %.2fs", exc, delay,
-                               extra=self._log_extra())
+                episode.failed(exc, delay)
                 await asyncio.sleep(delay)
         if self.probe_server:
             await self._probe_server()
-        self._runners = [asyncio.create_task(self._runner(), name=f"agentstreams-runner-{i}")
+        self._runners = [self._spawn(f"runner-{i}", self._runner)
                          for i in range(self.concurrency)]
         self._tasks = [
-            asyncio.create_task(self._read_loop(), name="agentstreams-reader"),
-            asyncio.create_task(self._ack_loop(), name="agentstreams-acker"),
-            asyncio.create_task(self._retry_loop(), name="agentstreams-retrier"),
-            asyncio.create_task(self._reclaim_loop(), name="agentstreams-reclaimer"),
+            self._spawn("reader", self._read_loop),
+            self._spawn("acker", self._ack_loop),
+            self._spawn("retrier", self._retry_loop),
+            self._spawn("reclaimer", self._reclaim_loop),
         ]
         if self.lease_renewal:
-            self._tasks.append(asyncio.create_task(self._lease_loop(),
-                                                   name="agentstreams-leases"))
-        ready = asyncio.create_task(self.ready.wait())
-        failed = asyncio.create_task(self._stopped.wait())
-        await asyncio.wait([ready, failed], return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        failed.cancel()
-        logger.info("worker %s consuming %r as group %r", self.consumer, self.stream, self.group,
-                    extra=self._log_extra())
+            self._tasks.append(self._spawn("leases", self._lease_loop))
+        ready = asyncio.ensure_future(self.ready.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            stopping.cancel()
+        if self._failure is not None:
+            raise self._failure
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Start and process events until ``stop()``, SIGTERM or SIGINT; then shut down."""
+        """Start and process events until ``stop()``, SIGTERM or SIGINT; then shut down.
+
+        Raises what made the worker stop on its own (see ``failure``), so a process that runs
+        a worker exits non-zero instead of idling.
+        """
         await serve_until_stopped(self.start, self.stop, self._stopping,
                                   install_signal_handlers=install_signal_handlers)
+        if self._failure is not None:
+            raise self._failure
 
     def request_stop(self) -> None:
         """Ask the worker to stop (non-blocking; ``run()`` returns once it has)."""
         self._stopping.set()
 
+    def _fail(self, exc: BaseException) -> None:
+        """Stop the worker because of ``exc``; ``run()`` raises it."""
+        if self._failure is None:
+            self._failure = exc
+            logger.error("worker %s stops: %s", self.consumer, exc, extra=self._log_extra())
+        self._stopping.set()
+
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Stop reading, give in-flight handlers up to ``timeout_s`` to finish, ack, close."""
+        """Stop reading, give in-flight handlers up to ``timeout_s`` to finish, ack, close.
+
+        Returns within ``timeout_s`` (default ``shutdown_timeout_s``) plus ``STOP_GRACE_S``,
+        whatever the server does.
+        """
         self._stopping.set()
         if not self._started or self._stopped.is_set():
             self._stopped.set()
             return
-        deadline = time.monotonic() + (self.shutdown_timeout_s if timeout_s is None
-                                       else timeout_s)
+        if self._stop_started:  # another caller is stopping it: wait for that
+            await self._stopped.wait()
+            return
+        self._stop_started = True
+        drain_deadline = time.monotonic() + (self.shutdown_timeout_s if timeout_s is None
+                                             else timeout_s)
         for task in self._tasks:
-            if task.get_name() in ("agentstreams-reader", "agentstreams-reclaimer",
-                                   "agentstreams-retrier"):
+            if task.get_name().endswith(("reader", "reclaimer", "retrier")):
                 task.cancel()
         # Queued but unstarted events are released: they stay pending for the others.
         while self._ready:
@@ -429,24 +503,35 @@ class Worker:
         if self._in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(),
-                                       timeout=max(0.0, deadline - time.monotonic()))
+                                       timeout=max(0.0, drain_deadline - time.monotonic()))
         unfinished = len(self._in_flight)
         self._closing = True
+        grace_deadline = max(drain_deadline, time.monotonic()) + STOP_GRACE_S
+
+        def left(share: float = 1.0) -> float:
+            return max(0.0, (grace_deadline - time.monotonic()) * share)
+
         for runner in self._runners:
             runner.cancel()
-        await _settle(self._runners)
-        await self._flush_acks(final=True)
+        await _settle(self._runners, left(0.25))
+        try:
+            async with asyncio.timeout(left(0.5)):
+                await self._flush_acks(final=True)
+        except TimeoutError:
+            logger.warning("could not acknowledge %d events at shutdown (no reply in time); "
+                           "they stay pending and will be redelivered", len(self._ack_pending),
+                           extra=self._log_extra())
         for task in self._tasks:
             task.cancel()
-        await _settle(self._tasks)
+        await _settle(self._tasks, left(0.5))
         if unfinished:
             logger.warning("stopped with %d handlers unfinished; their events stay pending and "
                            "will be redelivered", unfinished, extra=self._log_extra())
         if self._client is not None and self._client is not self._external_client:
-            await self._client.aclose()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(max(left(), 0.05)):
+                    await self._client.aclose()
         self._stopped.set()
-        if self._metrics is not None:
-            self._metrics.close()
         logger.info("worker %s stopped: %s", self.consumer, self.stats.as_dict(),
                     extra=self._log_extra())
 
@@ -457,6 +542,56 @@ class Worker:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+    # ---------------------------------------------------------------- supervision
+
+    def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]
+               ) -> asyncio.Task[None]:
+        return asyncio.create_task(self._supervised(name, loop), name=f"agentstreams-{name}")
+
+    async def _supervised(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]
+                          ) -> None:
+        """Run one of the worker's loops for as long as the worker runs.
+
+        Loops handle transient faults themselves. What escapes them is either permanent (the
+        worker stops: see ``_fail``) or unexpected: then it is logged with its traceback and
+        the loop restarted with backoff, unless it keeps failing (then the worker stops too).
+        """
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        failures: deque[float] = deque()
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_permanent(exc):
+                    self._fail(exc)
+                    return
+                if self._closing:
+                    return
+                now = time.monotonic()
+                failures.append(now)
+                while failures and failures[0] < now - TASK_FAILURE_WINDOW_S:
+                    failures.popleft()
+                self.stats.task_restarts += 1
+                if len(failures) >= TASK_FAILURE_LIMIT:
+                    logger.error("worker task %s failed %d times within %.0fs", name,
+                                 len(failures), TASK_FAILURE_WINDOW_S, exc_info=exc,
+                                 extra=self._log_extra(task=name))
+                    error = WorkerFailedError(
+                        f"worker task {name!r} keeps failing ({type(exc).__name__}: {exc})",
+                        stream=self.stream, group=self.group)
+                    error.__cause__ = exc
+                    self._fail(error)
+                    return
+                delay = backoff.next_delay()
+                logger.error("worker task %s failed; restarting it in %.2fs", name, delay,
+                             exc_info=exc, extra=self._log_extra(task=name))
+                await asyncio.sleep(delay)
+
+    # ---------------------------------------------------------------- reading
 
     async def _probe_server(self) -> None:
         """Warn in plain words when the server's settings can lose events."""
@@ -489,7 +624,7 @@ class Worker:
                 _SERVER_WARNINGS_LOGGED.add((server, text))
                 logger.warning("%s", text, extra=self._log_extra())
 
-    # ---------------------------------------------------------------- reading
+    # ---------------------------------------------------------------- capacity
 
     def _in_flight_limit(self) -> int:
         """How many entries may be held locally now: ``max_in_flight``, or more while the
@@ -515,53 +650,41 @@ class Worker:
             await self._capacity.wait()
 
     async def _read_loop(self) -> None:
-        backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
-        pending_cursor: str | None = "0"
+        intake = self._intake
+        assert intake is not None
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        episode = _Episode("reading from the stream", self._log_extra())
         while not self._stopping.is_set():
             try:
                 free = await self._wait_for_capacity(batch=True)
                 count = min(free, self.read_count)
-                if pending_cursor is not None:
+                if intake.reading_pending:
                     with self._rereading():
-                        entries = await self._xreadgroup(pending_cursor, count, None)
-                        if not entries:
-                            pending_cursor = None
-                            continue
-                        pending_cursor = entries[-1][0]
+                        entries, counts = await intake.read(count, None)
                         entries = self._drop_settled(entries)
-                        counts = await delivery_counts(self.client, self.stream, self.group,
-                                                       [e[0] for e in entries], self.consumer)
-                    await self._accept(entries, counts)
+                    if entries:
+                        await self._accept(entries, counts)
                 else:
                     self.ready.set()
-                    entries = await self._xreadgroup(">", count, self.block_ms)
+                    entries, _ = await intake.read(count, self.block_ms)
                     if entries:
                         await self._accept(entries, None)
                         # Let the runners start on these before the next read is written:
                         # that write would otherwise sit between delivery and the handler.
                         await asyncio.sleep(0)
                 backoff.reset()
-            except GroupNotFoundError:
-                logger.warning("group %r is gone from %r (stream deleted?); re-creating it",
-                               self.group, self.stream, extra=self._log_extra())
-                with contextlib.suppress(AgentStreamsError):
-                    await call(lambda: ensure_group(self.client, self.stream, self.group, "0"),
-                               stream=self.stream, group=self.group)
-                pending_cursor = "0"
-            except ConnectionLostError as exc:
-                self.stats.reconnects += 1
-                self._obs().on_reconnect(self.stream, self.group)
+                episode.recovered()
+            except _TRANSIENT as exc:
+                if isinstance(exc, ConnectionLostError):
+                    self.stats.reconnects += 1
+                    self._obs().on_reconnect(self.stream, self.group)
                 delay = backoff.next_delay()
-                logger.warning("connection lost (%s); reconnecting in %.2fs", exc, delay,
-                               extra=self._log_extra())
+                episode.failed(exc, delay)
                 await asyncio.sleep(delay)
-                pending_cursor = "0"  # a lost reply may have left entries pending for us
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("unexpected error in the read loop; continuing",
-                                 extra=self._log_extra())
-                await asyncio.sleep(backoff.next_delay())
+                if isinstance(exc, GroupNotFoundError):
+                    with contextlib.suppress(*_TRANSIENT):
+                        await intake.recreate_group()
+                intake.restart_pending()  # a lost reply may have left entries pending for us
 
     @contextlib.contextmanager
     def _rereading(self) -> Iterator[None]:
@@ -575,72 +698,57 @@ class Worker:
                 self._acked_while_reading.clear()
 
     def _drop_settled(self, entries: Sequence[RawEntry]) -> list[RawEntry]:
-        """Leave out re-read entries this worker already holds, handled or not.
+        """Leave out re-read or re-claimed entries this worker already holds, handled or not.
 
         After a lost connection the pending list still names entries whose handler finished
         but whose XACK has not gone through yet (or went through after the read was served).
-        Running them again would be a silent duplicate.
+        Running them again would be a silent duplicate. An entry still held here was just
+        touched on the server by that read: its lease is as good as renewed.
         """
         settled = self._acked_while_reading.union(self._ack_pending)
         in_flight = self._in_flight
-        return [e for e in entries if e[0] not in in_flight and e[0] not in settled]
-
-    async def _xreadgroup(self, start_id: str, count: int,
-                          block_ms: int | None) -> list[RawEntry]:
-        reply = await call(
-            lambda: self.client.xreadgroup(self.group, self.consumer, {self.stream: start_id},
-                                           count=count, block=block_ms),
-            stream=self.stream, group=self.group)
-        return _entries_fast(reply) or entries_from_read_reply(reply)
-
-    async def _accept(self, entries: Sequence[RawEntry], counts: Mapping[str, int] | None, *,
-                      retry: bool = False) -> None:
-        """Decode entries and queue them; dead-letter what cannot or must not run."""
-        if not retry:
-            self.stats.delivered += len(entries)
-            self._obs().on_delivered(self.stream, self.group, len(entries))
-        unhandled: list[str] = []
         now = time.monotonic()
-        for msg_id, fields in entries:
-            if msg_id in self._in_flight:
+        out: list[RawEntry] = []
+        for entry in entries:
+            flight = in_flight.get(entry[0])
+            if flight is not None:
+                flight.leased_at = now
+            elif entry[0] not in settled:
+                out.append(entry)
+        return out
+
+    async def _accept(self, entries: Sequence[RawEntry], counts: dict[str, int] | None, *,
+                      retry: bool = False) -> None:
+        """Queue the events of a batch for the runners; then settle what must not run.
+
+        The good events are queued (and runners woken) before any dead-letter move is
+        attempted, so an entry that cannot be dead-lettered now never holds up its batch.
+        """
+        intake = self._intake
+        assert intake is not None
+        batch = intake.sort(entries, counts, redelivery=retry)
+        settle = batch.lost
+        now = time.monotonic()
+        in_flight = self._in_flight
+        handlers = self._handlers
+        for event, fields in zip(batch.events, batch.fields, strict=True):
+            if event.msg_id in in_flight:
                 continue  # already running here (re-read after a reconnect)
-            deliveries = 1 if counts is None else counts.get(msg_id, 1)
-            if fields is None:
-                self.stats.lost += 1
-                self._obs().on_lost(self.stream, self.group, 1)
-                logger.warning("pending entry %s was deleted or trimmed before it was "
-                               "acknowledged; it is lost", msg_id,
-                               extra=self._log_extra(msg_id=msg_id))
-                unhandled.append(msg_id)
-                continue
-            if deliveries > self.max_deliveries:
-                await self._dead_letter(msg_id, fields, DLQ_REASON_MAX_DELIVERIES,
-                                        f"delivered {deliveries} times without being "
-                                        "acknowledged (its consumers crashed or timed out)",
-                                        deliveries)
-                continue
-            try:
-                event = decode_entry(msg_id, fields, stream=self.stream,
-                                     delivery_count=deliveries,
-                                     max_event_bytes=self.max_event_bytes)
-            except MalformedEventError as exc:
-                self.stats.malformed += 1
-                self._obs().on_malformed(self.stream, self.group)
-                await self._dead_letter(msg_id, fields, DLQ_REASON_MALFORMED, exc.reason,
-                                        deliveries)
-                continue
-            if event.data["type"] not in self._handlers and _ANY not in self._handlers:
+            event_type = event.data["type"]
+            if event_type not in handlers and _ANY not in handlers:
                 self.stats.unhandled += 1
-                self._obs().on_unhandled(self.stream, self.group, event.type)
-                unhandled.append(msg_id)
+                self._obs().on_unhandled(self.stream, self.group, event_type)
+                settle.append(event.msg_id)
                 continue
-            self._in_flight[msg_id] = _InFlight(event, now)
+            in_flight[event.msg_id] = _InFlight(event, fields, now)
             self._ready.append(event)
-        if self._in_flight:
+        if in_flight:
             self._drained.clear()
         self._wake_runners()
-        if unhandled:
-            self._enqueue_acks(unhandled)
+        if settle:
+            self._enqueue_acks(settle)
+        for request in batch.dead:
+            await intake.dead_letter(request)
 
     # ---------------------------------------------------------------- running handlers
 
@@ -671,10 +779,33 @@ class Worker:
             flight = in_flight.get(event.msg_id)
             if flight is None:
                 continue
-            flight.running = True
-            await self._run_one(event)
+            try:
+                if (time.monotonic() - flight.leased_at > self.lease_interval_s
+                        and not await self._still_ours(flight)):
+                    continue
+                flight.running = True
+                await self._run_one(event, flight)
+            except BaseException:
+                # Cancelled at shutdown, or a bug: leave the entry pending for a consumer
+                # that can finish it (nobody renews its lease any more).
+                self._release(event.msg_id)
+                raise
 
-    async def _run_one(self, event: Event) -> None:
+    async def _still_ours(self, flight: _InFlight) -> bool:
+        """Renew the lease of an entry that waited here longer than a lease interval before a
+        runner took it (queued leases are not renewed): False if another consumer has it."""
+        msg_id = flight.event.msg_id
+        try:
+            lost = await self._renew_leases([msg_id])
+        except _TRANSIENT:
+            return True  # cannot tell now; running it is what a healthy worker would do
+        if lost:
+            self._release(msg_id)
+            return False
+        flight.leased_at = time.monotonic()
+        return True
+
+    async def _run_one(self, event: Event, flight: _InFlight) -> None:
         event_type: str = event.data["type"]  # a non-empty str: decode_entry checked it
         handler = self._handlers.get(event_type) or self._handlers[_ANY]
         span = handler_span(event, group=self.group, consumer=self.consumer)
@@ -690,8 +821,6 @@ class Worker:
                     else:
                         await asyncio.wait_for(handler(event), self.handler_timeout_s)
         except asyncio.CancelledError:
-            # Shutdown deadline passed: leave the entry pending for another consumer.
-            self._release(event.msg_id)
             raise
         except Exception as exc:
             error = exc
@@ -710,18 +839,25 @@ class Worker:
             self._release(event.msg_id)
             return
         self.stats.failed += 1
-        await self._handle_failure(event, error)
+        await self._handle_failure(event, flight, error)
 
-    async def _handle_failure(self, event: Event, error: BaseException) -> None:
+    async def _handle_failure(self, event: Event, flight: _InFlight,
+                              error: BaseException) -> None:
+        """Dead-letter, or schedule a retry. A failed dead-letter move leaves the entry
+        pending (the reclaimer brings it back); it never stops this runner."""
+        reason = None
         if isinstance(error, Reject):
-            await self._dead_letter(event.msg_id, None, DLQ_REASON_REJECTED, error.reason,
-                                    event.delivery_count, event=event)
-            self._release(event.msg_id)
-            return
-        if event.delivery_count >= self.max_deliveries:
-            await self._dead_letter(event.msg_id, None, DLQ_REASON_MAX_DELIVERIES,
-                                    format_error(error), event.delivery_count, event=event)
-            self._release(event.msg_id)
+            reason, text = DLQ_REASON_REJECTED, error.reason
+        elif event.delivery_count >= self.max_deliveries:
+            reason, text = DLQ_REASON_MAX_DELIVERIES, format_error(error)
+        if reason is not None:
+            assert self._intake is not None
+            try:
+                await self._intake.dead_letter(
+                    DeadLetterRequest(event.msg_id, flight.fields, reason, text,
+                                      event.delivery_count), event_type=event.type)
+            finally:
+                self._release(event.msg_id)
             return
         if isinstance(error, Retry):
             delay = error.delay_s
@@ -734,8 +870,7 @@ class Worker:
                            extra=self._log_extra(msg_id=event.msg_id, event_type=event.type))
         self.stats.retried += 1
         self._obs().on_retried(self.stream, self.group, event.type)
-        flight = self._in_flight.get(event.msg_id)
-        if flight is None or self._stopping.is_set():
+        if self._in_flight.get(event.msg_id) is not flight or self._stopping.is_set():
             self._release(event.msg_id)
             return
         flight.running = False
@@ -752,7 +887,15 @@ class Worker:
                 self._drained.set()
 
     async def _retry_loop(self) -> None:
-        """Re-claim failed entries when their backoff expires (XCLAIM counts the delivery)."""
+        """Claim failed entries back when their backoff expires (XCLAIM counts the delivery).
+
+        Their leases are not renewed while they wait, so another consumer may take one over
+        meanwhile; the claim then asks for an idle time it no longer has, and leaves it alone.
+        """
+        intake = self._intake
+        assert intake is not None
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        episode = _Episode("claiming an entry back for its retry", self._log_extra())
         while not self._stopping.is_set():
             if not self._retry_heap:
                 self._retry_wakeup.clear()
@@ -766,44 +909,44 @@ class Worker:
                     await asyncio.wait_for(self._retry_wakeup.wait(), timeout=due_at - now)
                 continue
             heapq.heappop(self._retry_heap)
-            if msg_id not in self._in_flight:
+            flight = self._in_flight.get(msg_id)
+            if flight is None:
                 continue
+            idle_ms = int((time.monotonic() - flight.leased_at) * 1000) - RETRY_CLAIM_SLACK_MS
             try:
-                claimed = await call(
-                    lambda m=msg_id: self.client.xclaim(  # type: ignore[misc]
-                        self.stream, self.group, self.consumer, 0, [m]),
-                    stream=self.stream, group=self.group)
-            except ConnectionLostError:
+                entries, counts = await intake.claim_back(msg_id, idle_ms)
+            except _TRANSIENT as exc:
+                delay = backoff.next_delay()
+                episode.failed(exc, delay)
                 self._retry_seq += 1
-                heapq.heappush(self._retry_heap, (time.monotonic() + 0.5, self._retry_seq,
+                heapq.heappush(self._retry_heap, (time.monotonic() + delay, self._retry_seq,
                                                   msg_id))
                 continue
-            entries = entries_from_read_reply([(self.stream, claimed)]) if claimed else []
+            backoff.reset()
+            episode.recovered()
             self._release(msg_id)
-            if not entries:
-                continue  # acknowledged or deleted meanwhile: nothing to retry
-            counts = await delivery_counts(self.client, self.stream, self.group, [msg_id],
-                                           self.consumer)
-            await self._accept(entries, counts, retry=True)
+            if entries:  # else: acknowledged, deleted or taken over meanwhile
+                await self._accept(entries, counts, retry=True)
 
-    # ---------------------------------------------------------------- acks and dead letters
+    # ---------------------------------------------------------------- acks
 
     def _enqueue_acks(self, msg_ids: list[str]) -> None:
         self._ack_pending.extend(msg_ids)
         self._ack_wakeup.set()
 
     async def _ack_loop(self) -> None:
-        backoff = Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        episode = _Episode("acknowledging", self._log_extra())
         while not self._closing:
             await self._ack_wakeup.wait()
             self._ack_wakeup.clear()
             try:
                 await self._flush_acks()
                 backoff.reset()
-            except ConnectionLostError as exc:
+                episode.recovered()
+            except _TRANSIENT as exc:
                 delay = backoff.next_delay()
-                logger.warning("could not acknowledge (%s); retrying in %.2fs", exc, delay,
-                               extra=self._log_extra())
+                episode.failed(exc, delay)
                 await asyncio.sleep(delay)
                 self._ack_wakeup.set()
 
@@ -817,7 +960,7 @@ class Worker:
             try:
                 await call(lambda b=batch: self.client.xack(  # type: ignore[misc]
                     self.stream, self.group, *b), stream=self.stream, group=self.group)
-            except ConnectionLostError:
+            except _TRANSIENT:
                 if final:
                     logger.warning("could not acknowledge %d events at shutdown; they stay "
                                    "pending and will be redelivered", len(self._ack_pending),
@@ -830,72 +973,59 @@ class Worker:
             self.stats.acked += len(batch)
             self._obs().on_acked(self.stream, self.group, len(batch))
 
-    async def _dead_letter(self, msg_id: str, fields: Mapping[bytes, bytes] | None, reason: str,
-                           error: str, deliveries: int, *, event: Event | None = None) -> None:
-        if fields is None:
-            fields = await self._raw_fields(msg_id)
-        try:
-            dlq_id = await dead_letter(self.client, stream=self.stream, group=self.group,
-                                       consumer=self.consumer, msg_id=msg_id, fields=fields,
-                                       reason=reason, error=error, deliveries=deliveries)
-        except ConnectionLostError:
-            logger.warning("could not dead-letter %s now; it stays pending and will come back",
-                           msg_id, extra=self._log_extra(msg_id=msg_id))
-            return
-        if dlq_id is None:
-            logger.info("%s was no longer ours to dead-letter (claimed or acknowledged "
-                        "elsewhere)", msg_id, extra=self._log_extra(msg_id=msg_id))
-            return
-        self.stats.dead_lettered += 1
-        self._obs().on_dead_lettered(self.stream, self.group, reason)
-        logger.warning("dead-lettered %s (%s after %d deliveries): %s", msg_id, reason,
-                       deliveries, error,
-                       extra=self._log_extra(msg_id=msg_id, dlq_id=dlq_id,
-                                             event_type=event.type if event else None))
-
-    async def _raw_fields(self, msg_id: str) -> dict[bytes, bytes] | None:
-        rows = await call(lambda: self.client.xrange(self.stream, min=msg_id, max=msg_id,
-                                                     count=1), stream=self.stream)
-        entries = entries_from_read_reply([(self.stream, rows)]) if rows else []
-        return entries[0][1] if entries else None
-
     # ---------------------------------------------------------------- leases and recovery
 
+    async def _renew_leases(self, ids: list[str]) -> list[str]:
+        """Reset the idle time of entries we still own; returns the ids that are not ours."""
+        lost: list[str] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            reply = await call(
+                lambda c=chunk: self._lease_script(  # type: ignore[misc]
+                    keys=[self.stream], args=[self.group, self.consumer, *c]),
+                stream=self.stream, group=self.group)
+            lost.extend(to_str(x) for x in reply)
+            self.stats.leases_renewed += len(chunk) - len(reply)
+        return lost
+
     async def _lease_loop(self) -> None:
-        """Keep entries whose handlers are still running from looking abandoned."""
+        """Keep entries whose handlers are running from looking abandoned.
+
+        Only running ones: what waits in the queue or for a retry is not renewed, so entries
+        a stuck worker merely holds are claimable by the other replicas.
+        """
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        episode = _Episode("renewing leases", self._log_extra())
         while not self._closing:
             await asyncio.sleep(self.lease_interval_s / 2)
-            now = time.monotonic()
-            threshold = now - self.lease_interval_s
-            ids = [m for m, f in self._in_flight.items() if f.leased_at <= threshold]
+            threshold = time.monotonic() - self.lease_interval_s
+            ids = [m for m, f in self._in_flight.items() if f.running and f.leased_at <= threshold]
             if not ids:
                 continue
+            try:
+                lost = await self._renew_leases(ids)
+            except _TRANSIENT as exc:
+                episode.failed(exc, backoff.next_delay())
+                continue
+            backoff.reset()
+            episode.recovered()
+            now = time.monotonic()
+            lost_set = set(lost)
             for msg_id in ids:
                 flight = self._in_flight.get(msg_id)
-                if flight is not None:
+                if flight is not None and msg_id not in lost_set:
                     flight.leased_at = now
-            try:
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    lost = await call(
-                        lambda c=chunk: self._lease_script(  # type: ignore[misc]
-                            keys=[self.stream], args=[self.group, self.consumer, *c]),
-                        stream=self.stream, group=self.group)
-                    self.stats.leases_renewed += len(chunk) - len(lost)
-                    if lost:
-                        self.stats.leases_lost += len(lost)
-                        logger.warning("lost the lease on %d in-flight entries (claimed by "
-                                       "another consumer or acknowledged): %s", len(lost),
-                                       [to_str(x) for x in lost[:5]], extra=self._log_extra())
-            except ConnectionLostError as exc:
-                logger.warning("lease renewal failed (%s); retrying", exc,
+            if lost:
+                self.stats.leases_lost += len(lost)
+                logger.warning("lost the lease on %d in-flight entries (claimed by another "
+                               "consumer or acknowledged): %s", len(lost), lost[:5],
                                extra=self._log_extra())
-            except GroupNotFoundError:
-                continue
 
     async def _reclaim_loop(self) -> None:
         """Claim entries abandoned by other consumers; remove consumers long gone."""
         next_cleanup = time.monotonic() + self.reclaim_interval_s
+        backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
+        episode = _Episode("reclaiming abandoned entries", self._log_extra())
         while not self._stopping.is_set():
             await asyncio.sleep(self.reclaim_interval_s)
             try:
@@ -903,36 +1033,25 @@ class Worker:
                 if time.monotonic() >= next_cleanup:
                     await self._cleanup_consumers()
                     next_cleanup = time.monotonic() + max(self.reclaim_interval_s * 10, 10.0)
-            except (ConnectionLostError, GroupNotFoundError) as exc:
-                logger.info("reclaim skipped (%s)", exc, extra=self._log_extra())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("unexpected error while reclaiming; continuing",
-                                 extra=self._log_extra())
+                backoff.reset()
+                episode.recovered()
+            except _TRANSIENT as exc:
+                episode.failed(exc, self.reclaim_interval_s)
 
     async def _reclaim_once(self) -> int:
+        intake = self._intake
+        assert intake is not None
         free = await self._wait_for_capacity()
         with self._rereading():
-            claimed, deleted = await autoclaim_all(
-                self.client, self.stream, self.group, self.consumer,
-                min_idle_ms=self.visibility_timeout_ms, count=min(free, 100), limit=free)
-            if deleted:
-                self.stats.lost += len(deleted)
-                self._obs().on_lost(self.stream, self.group, len(deleted))
-            if not claimed:
-                return 0
-            fresh = self._drop_settled(claimed)
-        if not fresh:
+            claimed, counts = await intake.claim_idle(
+                self.visibility_timeout_ms, count=min(free, 100), limit=free,
+                skip=self._drop_settled)
+        if not claimed:
             return 0
-        self.stats.claimed += len(fresh)
-        self._obs().on_claimed(self.stream, self.group, len(fresh))
-        logger.info("claimed %d entries idle for over %d ms", len(fresh),
+        logger.info("claimed %d entries idle for over %d ms", len(claimed),
                     self.visibility_timeout_ms, extra=self._log_extra())
-        counts = await delivery_counts(self.client, self.stream, self.group,
-                                       [e[0] for e in fresh], self.consumer)
-        await self._accept(fresh, counts)
-        return len(fresh)
+        await self._accept(claimed, counts)
+        return len(claimed)
 
     async def _cleanup_consumers(self) -> None:
         consumers = await call(lambda: self.client.xinfo_consumers(self.stream, self.group),
