@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import re
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -16,17 +16,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentstreams import Event, Publisher, Reject, Worker
-from agentstreams._observe import Observer, get_observer, set_observer
-from agentstreams._streams import dlq_key
+import agentstreams.metrics
+from agentstreams import Event, Observer, Publisher, Reject, Worker, get_observer, set_observer
 from agentstreams.metrics import (
     PrometheusObserver,
     StreamStatsCollector,
     attach_worker_metrics,
-    dlq_owner,
     serve_metrics,
 )
 from agentstreams.server import LocalServer, find_free_port
@@ -42,17 +40,26 @@ DEAD_SERVER_TIMEOUT_S = 0.5
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str) -> Samples:
-    """GET the endpoint and parse it: {(sample name, sorted labels): value}."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
+def dlq_key(stream: str) -> str:
+    """The documented dead-letter stream of ``stream`` (without a hash tag of its own)."""
+    return f"{{{stream}}}:dlq"
+
+
+def parse(text: str) -> Samples:
+    """Prometheus text format as {(sample name, sorted labels): value}."""
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def scrape(url: str) -> Samples:
+    """GET the endpoint and parse it: {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return parse(response.read().decode())
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -287,12 +294,17 @@ async def test_every_stream_is_found_by_scan_and_dead_letter_streams_are_not_str
     assert gone not in streams
 
 
-def test_dead_letter_keys_are_recognised() -> None:
-    assert dlq_owner("{jobs}:dlq") == "jobs"
-    assert dlq_owner(dlq_key("a{tag}b")) == "a{tag}b"
-    assert dlq_owner("jobs:dlq") is None  # an ordinary stream that happens to end in :dlq
-    assert dlq_owner("jobs") is None
-    assert dlq_owner("{}:dlq") is None
+async def test_a_scrape_from_inside_an_event_loop_works(
+        redis_url: str, stream_name: str, raw: aioredis.Redis,
+        registry: CollectorRegistry) -> None:
+    """``generate_latest`` called from a coroutine (a running loop in this thread) still reads
+    the server instead of failing on ``asyncio.run``."""
+    await raw.xgroup_create(stream_name, "g", id="0", mkstream=True)
+    await raw.xadd(stream_name, {"type": "t"})
+    registry.register(StreamStatsCollector(redis_url, [stream_name]))
+    samples = parse(generate_latest(registry).decode())
+    assert value(samples, "agentstreams_up") == 1
+    assert value(samples, "agentstreams_consumer_group_lag", stream=stream_name, group="g") == 1
 
 
 async def test_a_dead_server_exports_up_0_quickly_and_recovers(
@@ -499,33 +511,52 @@ def test_cli_rejects_a_bad_url() -> None:
     assert "unsupported URL" in result.stderr
 
 
-async def test_worker_metrics_port_keyword(
-        valkey_server: LocalServer, stream_name: str, process_observer: None) -> None:
-    """``Worker(metrics_port=...)`` serves its metrics from start() to stop()."""
-    if "metrics_port" not in inspect.signature(Worker).parameters:
-        pytest.skip("Worker has no metrics_port keyword yet (see attach_worker_metrics)")
+async def test_attach_worker_metrics_is_a_context_manager(
+        valkey_server: LocalServer, stream_name: str, registry: CollectorRegistry,
+        process_observer: None, workers: list[Worker]) -> None:
+    """``with attach_worker_metrics(worker, port):`` serves the worker's counters and its
+    stream's gauges inside the block and frees the port when it ends."""
     port = find_free_port()
-    options: dict[str, Any] = {**WORKER_OPTIONS, "metrics_port": port}
-    worker = Worker(valkey_server.url, stream_name, "g", **options)
+    worker = Worker(valkey_server.url, stream_name, "g", **WORKER_OPTIONS)
+    workers.append(worker)
     worker.add_handler(_noop)
     client = aioredis.Redis.from_url(valkey_server.url)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
-        await worker.start()
-        await Publisher(client, stream_name).publish("ok", {})
+        with attach_worker_metrics(worker, port, registry=registry,
+                                   redis_url=valkey_server.url) as handle:
+            assert handle.url == url
+            await worker.start()
+            await Publisher(client, stream_name).publish("ok", {})
 
-        async def acked() -> bool:
+            async def acked() -> bool:
+                samples = await ascrape(url)
+                return value(samples, "agentstreams_events_acknowledged_total",
+                             stream=stream_name, group="g") == 1
+
+            await wait_for(acked, message="the worker's ack on its own endpoint")
             samples = await ascrape(url)
-            return value(samples, "agentstreams_events_acknowledged_total",
-                         stream=stream_name, group="g") == 1
-
-        await wait_for(acked, message="the worker's ack on its own endpoint")
-        samples = await ascrape(url)
-        assert value(samples, "agentstreams_consumer_group_pending",
-                     stream=stream_name, group="g") == 0
+            assert value(samples, "agentstreams_consumer_group_pending",
+                         stream=stream_name, group="g") == 0
+            assert value(samples, "agentstreams_consumer_group_lag",
+                         stream=stream_name, group="g") == 0
+        assert handle.closed
+        assert handle.server.closed
+        with pytest.raises(urllib.error.URLError):
+            await ascrape(url)  # the block's end closed the endpoint
     finally:
-        await worker.stop(timeout_s=2)
         await client.delete(stream_name)
         await client.aclose()
-    with pytest.raises(urllib.error.URLError):
-        await ascrape(url)  # stop() closed the endpoint
+
+
+def test_metrics_exports_exactly_its_documented_names() -> None:
+    documented = {"HANDLER_DURATION_BUCKETS_S", "MetricsServer", "PrometheusObserver",
+                  "StreamStatsCollector", "WorkerMetrics", "attach_worker_metrics",
+                  "serve_metrics"}
+    namespace: dict[str, object] = {}
+    exec("from agentstreams.metrics import *", namespace)
+    namespace.pop("__builtins__")
+    assert set(namespace) == documented
+    public = {name for name, obj in vars(agentstreams.metrics).items()
+              if not name.startswith("_") and not isinstance(obj, types.ModuleType)}
+    assert public == documented, f"public but not in __all__: {sorted(public - documented)}"

@@ -78,3 +78,17 @@ DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
 #: Reconnect backoff: exponential from BASE, capped at CAP, full jitter.
 RECONNECT_BACKOFF_BASE_S: Final = 0.05
 RECONNECT_BACKOFF_CAP_S: Final = 5.0
+
+# --- inspection, CLI and metrics ------------------------------------------------------------
+#: Where the CLI and the examples look when no URL is given (never an embedded server).
+DEFAULT_REDIS_URL: Final = "redis://localhost:6379"
+#: SCAN COUNT hint when looking for streams (SCAN ... TYPE stream, never KEYS).
+SCAN_BATCH: Final = 1000
+#: Streams one inspection call (``agentstreams info``, a metrics scrape) examines at most, so a
+#: server with millions of streams cannot turn one call into a flood of commands.
+DEFAULT_INSPECT_MAX_STREAMS: Final = 1000
+#: Per-command timeout of a metrics scrape; it is never retried.
+METRICS_SOCKET_TIMEOUT_S: Final = 2.0
+#: A whole scrape of the server's stats ends within this, well inside Prometheus' default 10 s
+#: scrape timeout, also when the server is frozen or answers slowly.
+METRICS_SCRAPE_TIMEOUT_S: Final = 5.0

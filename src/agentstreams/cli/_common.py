@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.text import Text
 
 from agentstreams._connection import ConnectionSettings, Redis, call, create_client, redact_url
+from agentstreams._constants import DEFAULT_REDIS_URL
 from agentstreams._streams import first_field, stream_id_key, to_str
 from agentstreams.errors import (
     AgentStreamsError,
@@ -34,7 +35,6 @@ from agentstreams.errors import (
 
 __all__ = [
     "DEFAULT_REDIS_URL",
-    "CliError",
     "ExitCode",
     "JsonOption",
     "RedisUrlOption",
@@ -46,12 +46,10 @@ __all__ = [
     "fail",
     "format_age",
     "format_time",
-    "group_names",
     "is_stream_id",
     "key_type",
     "now_ms",
     "out",
-    "report_error",
     "require_group",
     "require_stream",
     "run",
@@ -62,8 +60,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger("agentstreams.cli")
 
-#: Where the CLI looks when neither --redis-url nor REDIS_URL is given (never an embedded server).
-DEFAULT_REDIS_URL = "redis://localhost:6379"
 #: Operator commands should fail fast when the server is down, not wait out the library default.
 CLI_CONNECT_TIMEOUT_S = 3.0
 #: Rich wraps tables at 80 columns when output is not a terminal; logs and pipes want whole rows.

@@ -23,9 +23,8 @@ from agentstreams._bench import (
 )
 from agentstreams._connection import redact_url
 from agentstreams.cli._common import JsonOption, emit_json, err, out
-from agentstreams.cli.app import app
 
-__all__ = ["render_report", "report_document"]
+__all__ = ["bench", "render_report", "report_document"]
 
 GROUPS = ("publish", "batch", "consume", "latency", "memory")
 
@@ -67,7 +66,6 @@ def report_document(reports: list[ServerReport], mode: str) -> dict[str, Any]:
     }
 
 
-@app.command()
 def bench(
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", envvar="REDIS_URL", show_envvar=True,

@@ -36,12 +36,9 @@ from agentstreams.cli._common import (
     run,
     usage_error,
 )
-from agentstreams.cli.app import app
 from agentstreams.errors import MalformedEventError
 
-dlq_app = typer.Typer(name="dlq", no_args_is_help=True,
-                      help="Dead letters: list, show, replay or purge them.")
-app.add_typer(dlq_app, name="dlq")
+__all__ = ["list_command", "purge_command", "replay_command", "show_command"]
 
 #: Dead letters read per XRANGE while filtering.
 PAGE = 500
@@ -141,7 +138,6 @@ async def _found(queue: DeadLetterQueue, ids: list[str]) -> tuple[list[str], lis
     return present, missing
 
 
-@dlq_app.command("list")
 def list_command(
     stream: Annotated[str, typer.Argument(help="The stream whose dead letters to list.")],
     reason: ReasonOption = None,
@@ -186,7 +182,6 @@ def list_command(
     run(redis_url, as_json, command)
 
 
-@dlq_app.command("show")
 def show_command(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     dlq_id: Annotated[str, typer.Argument(help="The dead letter's id (from `dlq list`).")],
@@ -234,7 +229,6 @@ def show_command(
     run(redis_url, as_json, command)
 
 
-@dlq_app.command("replay")
 def replay_command(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     ids: IdsArgument = None,
@@ -271,7 +265,6 @@ def replay_command(
     run(redis_url, as_json, command)
 
 
-@dlq_app.command("purge")
 def purge_command(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     ids: IdsArgument = None,

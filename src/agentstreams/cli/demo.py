@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from agentstreams.cli.app import app
 from agentstreams.errors import AgentStreamsError
 
 #: Exit code when the demo ran but something did not complete.
@@ -23,7 +22,6 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_ERROR)
 
 
-@app.command()
 def demo(
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", envvar="REDIS_URL", show_envvar=True,

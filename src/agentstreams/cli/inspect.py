@@ -1,191 +1,51 @@
-"""Operator commands: ``info``, ``pending``, ``claim`` and ``trim`` (``tail`` and ``dlq`` live in
-their own modules and are registered from here).
+"""Operator commands: ``info``, ``pending``, ``claim`` and ``trim`` (registered in ``main``).
 
-Read-only commands never change the server; ``claim`` and ``trim`` say what they changed.
+``info`` and ``pending`` render what ``agentstreams._inspect`` reads; they never change the
+server. ``claim`` and ``trim`` say what they changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from agentstreams._codec import decode_entry
 from agentstreams._connection import Redis, call
-from agentstreams._constants import DEFAULT_VISIBILITY_TIMEOUT_MS, DLQ_SUFFIX
+from agentstreams._constants import DEFAULT_INSPECT_MAX_STREAMS, DEFAULT_VISIBILITY_TIMEOUT_MS
+from agentstreams._inspect import inspect_server, inspect_stream, pending_entries
 from agentstreams._retention import trim as safe_trim
-from agentstreams._streams import dlq_key, first_field, to_str
+from agentstreams._streams import to_str
 from agentstreams.cli._common import (
     DEFAULT_REDIS_URL,
     JsonOption,
     RedisUrlOption,
-    age_ms_of,
     count_of,
     emit_json,
+    err,
     format_age,
     is_stream_id,
-    key_type,
     out,
     require_group,
     require_stream,
     run,
     usage_error,
 )
-from agentstreams.cli.app import app
-from agentstreams.errors import MalformedEventError
+
+__all__ = ["claim", "info", "pending", "trim_command"]
 
 #: Entries and consumers idle longer than this are shown in warning colours.
 STUCK_AFTER_MS = DEFAULT_VISIBILITY_TIMEOUT_MS
-#: SCAN COUNT hint when listing every stream.
-SCAN_BATCH = 1000
 #: XCLAIM at most this many ids per call.
 CLAIM_BATCH = 100
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 def _idle_style(idle_ms: int | None) -> str:
     return "bold red" if idle_ms is not None and idle_ms >= STUCK_AFTER_MS else ""
 
 
-def _summary_of_entry(msg_id: str, fields: Mapping[bytes, bytes] | None,
-                      stream: str) -> dict[str, Any]:
-    """Type and session of one entry, for tables (never raises on malformed entries)."""
-    if fields is None:
-        return {"type": None, "session_id": None, "malformed": None, "deleted": True}
-    try:
-        event = decode_entry(msg_id, fields, stream=stream, max_event_bytes=1 << 62)
-    except MalformedEventError as exc:
-        return {"type": None, "session_id": None, "malformed": exc.reason, "deleted": False}
-    session = event.session_id
-    return {"type": event.type, "session_id": None if session is None else str(session),
-            "malformed": None, "deleted": False}
-
-
-def _type_label(summary: Mapping[str, Any]) -> str:
-    if summary.get("deleted"):
-        return "(deleted)"
-    if summary.get("malformed"):
-        return "(malformed)"
-    return str(summary.get("type") or "-")
-
-
 # ------------------------------------------------------------------------------------ info
-
-
-async def _dead_letter_count(client: Redis, stream: str) -> int:
-    key = dlq_key(stream)
-    if await key_type(client, key) != "stream":
-        return 0
-    return int(await call(lambda: client.xlen(key), stream=key))
-
-
-async def _group_report(client: Redis, stream: str, raw: Mapping[Any, Any]) -> dict[str, Any]:
-    name = to_str(first_field(raw, "name"))
-    pending = int(first_field(raw, "pending") or 0)
-    report: dict[str, Any] = {
-        "name": name,
-        "lag": _int_or_none(first_field(raw, "lag")),
-        "pending": pending,
-        "last_delivered_id": to_str(first_field(raw, "last-delivered-id")) or None,
-        "entries_read": _int_or_none(first_field(raw, "entries-read")),
-        "oldest_pending_id": None,
-        "oldest_pending_age_ms": None,
-        "oldest_pending_idle_ms": None,
-        "oldest_pending_deliveries": None,
-        "oldest_pending_consumer": None,
-        "consumers": [],
-    }
-    if pending:
-        rows = await call(lambda: client.xpending_range(stream, name, min="-", max="+", count=1),
-                          stream=stream, group=name)
-        if rows:
-            oldest = rows[0]
-            oldest_id = to_str(oldest["message_id"])
-            report.update(
-                oldest_pending_id=oldest_id,
-                oldest_pending_age_ms=age_ms_of(oldest_id),
-                oldest_pending_idle_ms=int(oldest["time_since_delivered"]),
-                oldest_pending_deliveries=int(oldest["times_delivered"]),
-                oldest_pending_consumer=to_str(oldest["consumer"]),
-            )
-    consumers = await call(lambda: client.xinfo_consumers(stream, name), stream=stream,
-                           group=name)
-    for consumer in consumers:
-        report["consumers"].append({
-            "name": to_str(first_field(consumer, "name")),
-            "pending": int(first_field(consumer, "pending") or 0),
-            "idle_ms": int(first_field(consumer, "idle") or 0),
-            # Redis 7.2+ / Valkey: time since the consumer last read successfully.
-            "inactive_ms": _int_or_none(first_field(consumer, "inactive")),
-        })
-    return report
-
-
-async def stream_report(client: Redis, stream: str) -> dict[str, Any]:
-    """Everything ``info`` shows about one existing stream, JSON-ready."""
-    info = await call(lambda: client.xinfo_stream(stream), stream=stream)
-    first = first_field(info, "first-entry")
-    last = first_field(info, "last-entry")
-    first_id = to_str(first[0]) if first else None
-    last_id = to_str(last[0]) if last else None
-    last_type = _type_label(_summary_of_entry(last_id, last[1], stream)) if last_id else None
-    raw_groups = await call(lambda: client.xinfo_groups(stream), stream=stream)
-    groups = [await _group_report(client, stream, g) for g in raw_groups]
-    return {
-        "stream": stream,
-        "exists": True,
-        "length": int(first_field(info, "length") or 0),
-        "first_entry_id": first_id,
-        "first_entry_age_ms": age_ms_of(first_id),
-        "last_entry_id": last_id,
-        "last_entry_age_ms": age_ms_of(last_id),
-        "last_entry_type": last_type,
-        "last_generated_id": to_str(first_field(info, "last-generated-id")) or None,
-        "dead_letters": await _dead_letter_count(client, stream),
-        "groups": groups,
-    }
-
-
-def _dlq_owner(key: str, streams: set[str]) -> str | None:
-    """The stream whose dead-letter stream ``key`` is, or None when it is not one."""
-    suffix = ":" + DLQ_SUFFIX
-    if not key.endswith(suffix):
-        return None
-    base = key[: -len(suffix)]
-    # `{x}:dlq` belongs to stream `x`, unless only a stream literally named `{x}` exists.
-    candidates = [base[1:-1], base] if base.startswith("{") and base.endswith("}") else [base]
-    owners = [c for c in candidates if c and dlq_key(c) == key]
-    for owner in owners:
-        if owner in streams:
-            return owner
-    return owners[0] if owners else None
-
-
-async def all_stream_reports(client: Redis, match: str | None) -> list[dict[str, Any]]:
-    """A report for every stream key (SCAN ... TYPE stream), dead-letter streams folded in."""
-    keys: set[str] = set()
-    async for key in client.scan_iter(match=match, count=SCAN_BATCH, _type="stream"):
-        keys.add(to_str(key))
-    owners = {key: _dlq_owner(key, keys) for key in keys}
-    streams = sorted(key for key, owner in owners.items() if owner is None)
-    reports = [await stream_report(client, s) for s in streams]
-    # A dead-letter stream whose stream is gone still deserves a row: its letters are stuck.
-    orphans = sorted({owner for owner in owners.values() if owner and owner not in keys})
-    for owner in orphans:
-        reports.append({
-            "stream": owner, "exists": False, "length": 0,
-            "first_entry_id": None, "first_entry_age_ms": None,
-            "last_entry_id": None, "last_entry_age_ms": None, "last_entry_type": None,
-            "last_generated_id": None,
-            "dead_letters": await _dead_letter_count(client, owner), "groups": [],
-        })
-    return reports
 
 
 def _max_or_none(values: list[int | None]) -> int | None:
@@ -271,12 +131,14 @@ def _print_stream(report: dict[str, Any]) -> None:
         out.print(consumers)
 
 
-@app.command()
 def info(
     stream: Annotated[str | None, typer.Argument(
         help="Stream to describe; without it, every stream on the server.")] = None,
     match: Annotated[str | None, typer.Option(
         "--match", help="Only streams whose name matches this glob (without STREAM).")] = None,
+    max_streams: Annotated[int, typer.Option(
+        "--max-streams", min=1, help="Show at most this many streams (the first by name).")
+    ] = DEFAULT_INSPECT_MAX_STREAMS,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     as_json: JsonOption = False,
 ) -> None:
@@ -284,14 +146,19 @@ def info(
 
     async def command(client: Redis) -> None:
         if stream is None:
-            reports = await all_stream_reports(client, match)
+            stats = await inspect_server(client, match=match, detail=True,
+                                         max_streams=max_streams)
+            if stats.truncated:
+                err.print(f"showing the first {max_streams} of {stats.found} streams "
+                          "(--match or --max-streams to see others)", markup=False)
+            reports = [row.as_dict() for row in stats.rows]
             if as_json:
                 emit_json(reports)
             else:
                 _print_overview(reports)
             return
         await require_stream(client, stream)
-        report = await stream_report(client, stream)
+        report = (await inspect_stream(client, stream)).as_dict()
         if as_json:
             emit_json(report)
         else:
@@ -305,23 +172,6 @@ def info(
 # ------------------------------------------------------------------------------------ pending
 
 
-async def _entry_summaries(client: Redis, stream: str,
-                           ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Type and session of each entry id (one pipelined XRANGE per id)."""
-    if not ids:
-        return {}
-    pipe = client.pipeline(transaction=False)
-    for msg_id in ids:
-        pipe.xrange(stream, min=msg_id, max=msg_id, count=1)
-    replies = await call(pipe.execute, stream=stream)
-    summaries: dict[str, dict[str, Any]] = {}
-    for msg_id, reply in zip(ids, replies, strict=True):
-        fields = reply[0][1] if reply else None
-        summaries[msg_id] = _summary_of_entry(msg_id, fields, stream)
-    return summaries
-
-
-@app.command()
 def pending(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     group: Annotated[str, typer.Argument(help="The consumer group.")],
@@ -338,51 +188,30 @@ def pending(
 
     async def command(client: Redis) -> None:
         await require_group(client, stream, group)
-        summary = await call(lambda: client.xpending(stream, group), stream=stream, group=group)
-        rows = await call(lambda: client.xpending_range(
-            stream, group, min="-", max="+", count=count, consumername=consumer,
-            idle=min_idle_ms or None), stream=stream, group=group)
-        ids = [to_str(row["message_id"]) for row in rows]
-        summaries = await _entry_summaries(client, stream, ids)
-        entries = [{
-            "id": msg_id,
-            "consumer": to_str(row["consumer"]),
-            "idle_ms": int(row["time_since_delivered"]),
-            "deliveries": int(row["times_delivered"]),
-            "age_ms": age_ms_of(msg_id),
-            **summaries[msg_id],
-        } for msg_id, row in zip(ids, rows, strict=True)]
-        per_consumer = {to_str(c["name"]): int(c["pending"])
-                        for c in summary.get("consumers") or []}
-        total = int(summary.get("pending") or 0)
-        report: dict[str, Any] = {
-            "stream": stream, "group": group,
-            "pending": total,
-            "oldest_id": to_str(summary.get("min")) or None,
-            "newest_id": to_str(summary.get("max")) or None,
-            "consumers": per_consumer,
-            "entries": entries,
-        }
+        report = await pending_entries(client, stream, group, count=count, consumer=consumer,
+                                       min_idle_ms=min_idle_ms)
         if as_json:
-            emit_json(report)
+            emit_json(report.as_dict())
             return
-        owners = ", ".join(f"{name}: {n}" for name, n in per_consumer.items()) or "-"
-        out.print(Text(f"{total} pending in group {group!r} of {stream!r} "
+        owners = ", ".join(f"{name}: {n}" for name, n in report.consumers.items()) or "-"
+        out.print(Text(f"{report.pending} pending in group {group!r} of {stream!r} "
                        f"(by consumer: {owners})"))
-        if not entries:
+        if not report.entries:
             return
         table = Table()
         for column in ("id", "consumer", "idle", "deliveries", "age", "type", "session"):
             table.add_column(column, justify="right" if column in ("idle", "deliveries", "age")
                              else "left")
-        for entry in entries:
-            table.add_row(entry["id"], Text(entry["consumer"]),
-                          Text(format_age(entry["idle_ms"]), style=_idle_style(entry["idle_ms"])),
-                          str(entry["deliveries"]), format_age(entry["age_ms"]),
-                          Text(_type_label(entry)), Text(entry["session_id"] or "-"))
+        for entry in report.entries:
+            summary = entry.summary
+            table.add_row(entry.id, Text(entry.consumer),
+                          Text(format_age(entry.idle_ms), style=_idle_style(entry.idle_ms)),
+                          str(entry.deliveries), format_age(entry.age_ms),
+                          Text(summary.label if summary else "-"),
+                          Text(summary.session_id or "-" if summary else "-"))
         out.print(table)
-        if total > len(entries):
-            out.print(f"(showing {len(entries)}; --count to see more)")
+        if report.pending > len(report.entries):
+            out.print(f"(showing {len(report.entries)}; --count to see more)")
 
     run(redis_url, as_json, command)
 
@@ -408,7 +237,6 @@ async def _claimable_ids(client: Redis, stream: str, group: str, target: str,
     return found[:limit]
 
 
-@app.command()
 def claim(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     group: Annotated[str, typer.Argument(help="The consumer group.")],
@@ -470,7 +298,6 @@ def claim(
 # ------------------------------------------------------------------------------------ trim
 
 
-@app.command("trim")
 def trim_command(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     maxlen: Annotated[int, typer.Option(
@@ -507,7 +334,3 @@ def trim_command(
                            "lost to that group)", style="yellow"))
 
     run(redis_url, as_json, command)
-
-
-# `tail` and `dlq` register themselves when imported; here, so `--help` lists info first.
-from agentstreams.cli import deadletters, tail  # noqa: E402, F401

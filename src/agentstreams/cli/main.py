@@ -1,13 +1,58 @@
-"""Entry point of the ``agentstreams`` console script: imports every command module."""
+"""The ``agentstreams`` command line: every command registered here, in the order ``--help``
+lists them. Command modules define plain functions and never see the application."""
 
 from __future__ import annotations
 
-# Each module registers its commands on ``app`` when imported.
-import agentstreams.cli.inspect  # noqa: F401
-import agentstreams.cli.metrics_cmd as _metrics_cmd  # noqa: F401
-from agentstreams.cli import bench as _bench  # noqa: F401
-from agentstreams.cli import demo  # noqa: F401
-from agentstreams.cli.app import app
+try:
+    import typer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("the agentstreams CLI needs its extra: pip install 'agentstreams[cli]'") \
+        from exc
+
+from agentstreams.cli.bench import bench
+from agentstreams.cli.deadletters import (
+    list_command,
+    purge_command,
+    replay_command,
+    show_command,
+)
+from agentstreams.cli.demo import demo
+from agentstreams.cli.inspect import claim, info, pending, trim_command
+from agentstreams.cli.metrics_cmd import metrics
+from agentstreams.cli.tail import tail_command
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="agentstreams",
+    help="Inspect, tail and repair agentstreams streams; run the demo and the benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """agentstreams: reliable coordination for AI agents over Redis Streams."""
+
+
+app.command("info")(info)
+app.command("pending")(pending)
+app.command("claim")(claim)
+app.command("trim")(trim_command)
+app.command("tail")(tail_command)
+app.command("metrics")(metrics)
+app.command("bench")(bench)
+app.command("demo")(demo)
+
+dlq_app = typer.Typer(name="dlq", no_args_is_help=True,
+                      help="Dead letters: list, show, replay or purge them.")
+dlq_app.command("list")(list_command)
+dlq_app.command("show")(show_command)
+dlq_app.command("replay")(replay_command)
+dlq_app.command("purge")(purge_command)
+app.add_typer(dlq_app, name="dlq")
 
 
 def main() -> None:

@@ -14,14 +14,13 @@ from typing import Annotated
 import typer
 
 from agentstreams._connection import redact_url
-from agentstreams.cli._common import DEFAULT_REDIS_URL, ExitCode
-from agentstreams.cli.app import app
+from agentstreams._constants import DEFAULT_INSPECT_MAX_STREAMS, DEFAULT_REDIS_URL
+from agentstreams.cli._common import ExitCode
 from agentstreams.errors import AgentStreamsError
 
 __all__ = ["metrics"]
 
 
-@app.command()
 def metrics(
     port: Annotated[int, typer.Option(
         "--port", min=0, max=65535,
@@ -34,6 +33,10 @@ def metrics(
     streams: Annotated[list[str] | None, typer.Option(
         "--stream", help="Stream to report (repeatable). Default: every stream on the server.")
     ] = None,
+    max_streams: Annotated[int, typer.Option(
+        "--max-streams", min=1,
+        help="Without --stream: report at most this many streams (the first by name).")
+    ] = DEFAULT_INSPECT_MAX_STREAMS,
     duration_s: Annotated[float | None, typer.Option(
         "--duration-s", min=0.0,
         help="Stop after this many seconds (default: serve until Ctrl-C).")] = None,
@@ -48,7 +51,7 @@ def metrics(
         raise typer.Exit(int(ExitCode.FAILURE)) from exc
     registry = CollectorRegistry()
     try:
-        collector = StreamStatsCollector(redis_url, streams or None)
+        collector = StreamStatsCollector(redis_url, streams or None, max_streams=max_streams)
     except AgentStreamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(int(ExitCode.USAGE)) from exc

@@ -40,7 +40,6 @@ from agentstreams.cli._common import (
     run,
     usage_error,
 )
-from agentstreams.cli.app import app
 from agentstreams.errors import ConnectionLostError, MalformedEventError
 
 #: Longest XREAD BLOCK: short, so a stop request is never kept waiting long.
@@ -178,7 +177,6 @@ async def _start_cursor(client: Redis, stream: str, start: str | None,
     return to_str(first_field(info, "last-generated-id")) or "0-0"
 
 
-@app.command("tail")
 def tail_command(
     stream: Annotated[str, typer.Argument(help="The stream to follow.")],
     types: Annotated[list[str] | None, typer.Option(

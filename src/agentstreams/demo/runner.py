@@ -24,11 +24,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from agentstreams._codec import decode_entry
-from agentstreams._connection import ConnectionSettings, Redis, call, create_client
-from agentstreams._constants import SOCKET_TIMEOUT_MARGIN_S
+from agentstreams._connection import ConnectionSettings, Redis, call, create_client, redact_url
+from agentstreams._constants import SCAN_BATCH, SOCKET_TIMEOUT_MARGIN_S
 from agentstreams._coordinator import AgentCoordinator
 from agentstreams._events import Event
 from agentstreams._streams import dlq_key, entries_from_read_reply
@@ -50,7 +49,6 @@ __all__ = [
     "DemoConfig",
     "DemoDisplay",
     "new_namespace",
-    "redact",
     "run",
     "run_demo",
 ]
@@ -71,6 +69,8 @@ WORKER_STOP_TIMEOUT_S = 10.0
 FINAL_EVENTS_WAIT_S = 5.0
 #: Lines of a worker's stderr shown when it failed.
 WORKER_LOG_TAIL_LINES = 15
+#: Keys deleted per DEL when a generated namespace is removed.
+DELETE_BATCH = 500
 
 
 def new_namespace() -> str:
@@ -128,16 +128,6 @@ class DemoDisplay(Protocol):
 
     def close(self) -> None:
         """Release the terminal (stop any animation); called even after an error."""
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for display."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def model_label(live_model: bool) -> str:
@@ -379,7 +369,7 @@ async def _server_label(url: str, embedded: bool) -> str:
         name = f"Valkey {info['valkey_version']!s}"
     else:
         name = f"Redis {info.get('redis_version', '?')!s}"
-    return f"{name}{' (embedded)' if embedded else ''} at {redact(url)}"
+    return f"{name}{' (embedded)' if embedded else ''} at {redact_url(url)}"
 
 
 async def _dead_letters(url: str, keys: Keys) -> int:
@@ -401,9 +391,9 @@ async def _delete_namespace(url: str, namespace: str) -> None:
         async def delete() -> None:
             for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
                 batch: list[Any] = []
-                async for key in client.scan_iter(match=pattern, count=1000):
+                async for key in client.scan_iter(match=pattern, count=SCAN_BATCH):
                     batch.append(key)
-                    if len(batch) >= 500:
+                    if len(batch) >= DELETE_BATCH:
                         await client.delete(*batch)
                         batch.clear()
                 if batch:
