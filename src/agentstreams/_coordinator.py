@@ -129,7 +129,6 @@ class AgentCoordinator:
         self._settings: ConnectionSettings | None = None
         if client is None:
             self._settings = ConnectionSettings(url=redis_url, socket_timeout_s=socket_timeout_s)
-        self._redis_url = redis_url
         self._external_client = client
         self._client: Redis | None = None
         self._initialized = False

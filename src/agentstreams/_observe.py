@@ -46,6 +46,9 @@ class Observer:
     def on_reconnect(self, stream: str, group: str) -> None:
         """A consumer lost its connection and is reconnecting."""
 
+    def on_task_restarted(self, stream: str, group: str, task: str) -> None:
+        """A worker's background task failed unexpectedly and was restarted."""
+
     def on_handler_done(self, stream: str, group: str, event_type: str, duration_s: float,
                         ok: bool) -> None:
         """A handler returned (``ok``) or raised after ``duration_s`` seconds."""

@@ -13,7 +13,12 @@ from typing import Any
 import redis.exceptions as redis_exc
 
 from agentstreams._connection import Redis, call
-from agentstreams._constants import AUTOCLAIM_BATCH, DLQ_SUFFIX, IDEMPOTENCY_SUFFIX
+from agentstreams._constants import (
+    AUTOCLAIM_BATCH,
+    DLQ_SUFFIX,
+    IDEMPOTENCY_SUFFIX,
+    MAX_NAME_LENGTH,
+)
 from agentstreams.errors import InvalidArgumentError
 
 __all__ = [
@@ -48,8 +53,9 @@ def validate_name(kind: str, value: object, *, allow_none: bool = False) -> str:
         return ""
     if not isinstance(value, str) or not value:
         raise InvalidArgumentError(f"{kind} must be a non-empty string, got {value!r}")
-    if len(value) > 512:
-        raise InvalidArgumentError(f"{kind} is {len(value)} characters; the limit is 512")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(f"{kind} is {len(value)} characters; the limit is "
+                                   f"{MAX_NAME_LENGTH}")
     return value
 
 

@@ -576,6 +576,7 @@ class Worker:
                 while failures and failures[0] < now - TASK_FAILURE_WINDOW_S:
                     failures.popleft()
                 self.stats.task_restarts += 1
+                self._obs().on_task_restarted(self.stream, self.group, name)
                 if len(failures) >= TASK_FAILURE_LIMIT:
                     logger.error("worker task %s failed %d times within %.0fs", name,
                                  len(failures), TASK_FAILURE_WINDOW_S, exc_info=exc,

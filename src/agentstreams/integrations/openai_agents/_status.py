@@ -139,12 +139,6 @@ class StatusStore:
         applied = await call(lambda: self._transition(keys=[key], args=args), stream=key)
         return bool(applied)
 
-    async def hop_state(self, run_id: str, hop: int) -> str | None:
-        """The state of one hop (None if never offered)."""
-        key = self.keys.run(run_id)
-        value = await call(lambda: self.client.hget(key, f"hop:{hop}:state"), stream=key)
-        return to_str(value) if value is not None else None
-
     async def final_reply(self, run_id: str) -> RunReply | None:
         """The reply of a finished run (None while it runs)."""
         key = self.keys.run(run_id)

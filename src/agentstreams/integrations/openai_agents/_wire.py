@@ -56,7 +56,6 @@ OFFERED: Final = "offered"
 CLAIMED: Final = "claimed"
 COMPLETED: Final = "completed"
 FAILED: Final = "failed"
-HopState = Literal["offered", "claimed", "completed", "failed"]
 
 #: How long run status and reply streams are kept after their last change.
 DEFAULT_STATUS_TTL_S: Final = 7 * 24 * 3600
