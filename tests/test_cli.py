@@ -576,3 +576,41 @@ async def test_bad_usage_exits_2_before_connecting() -> None:
     assert [r.code for r in results] == [2] * len(results), [r.err for r in results]
     assert "yesterday" in results[0].err
     assert "unsupported URL" in results[3].err
+
+
+# ------------------------------------------------------------------------------------ secrets
+
+#: The password of the server ``password_server`` starts; it must never be printed.
+SECRET = "s3cret-Pw-7f1d"
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Any:
+    """A Valkey of this module's own that asks for ``SECRET``."""
+    import redis as sync_redis
+
+    server = LocalServer("valkey").start()
+    sync_redis.Redis.from_url(server.url).config_set("requirepass", SECRET)
+    yield server
+    server.stop()
+
+
+async def test_credentials_in_the_url_are_never_printed(password_server: LocalServer) -> None:
+    host = f"{password_server.host}:{password_server.port}"
+    dead = f"127.0.0.1:{find_free_port()}"
+    wrong_user, wrong_query, unreachable = await asyncio.gather(
+        cli("info", url=f"redis://default:{SECRET}x@{host}"),
+        cli("info", "--json", url=f"redis://{host}/0?password={SECRET}y"),
+        cli("pending", "s", "g", url=f"redis://default:{SECRET}@{dead}/0?password={SECRET}"))
+    assert [r.code for r in (wrong_user, wrong_query, unreachable)] == [3, 3, 3]
+    assert "refused our credentials" in wrong_user.err or "password" in wrong_user.err
+    for result in (wrong_user, wrong_query, unreachable):
+        assert SECRET not in result.out + result.err, result.err
+        assert "***" in result.err, result.err
+    # The exporter prints the URL it reports on: without the password, in either place.
+    right = f"redis://default:{SECRET}@{host}/0?password={SECRET}"
+    exporter = await cli("metrics", "--port", "0", "--duration-s", "0", url=right)
+    assert exporter.code == 0, exporter.err
+    assert "serving http://" in exporter.out
+    assert f"redis://default:***@{host}/0?password=***" in exporter.out
+    assert SECRET not in exporter.out + exporter.err

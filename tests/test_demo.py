@@ -242,3 +242,19 @@ def test_summary_is_not_ok_when_a_session_is_lost() -> None:
     assert summary.ok
     summary.worker_exits["writer-1"] = "did not stop (killed)"
     assert summary.problem == "workers did not stop cleanly: writer-1"
+
+
+async def test_demo_never_prints_the_password_of_its_url() -> None:
+    """The header names the server; ``user:pass@`` and ``?password=`` are both redacted."""
+    import redis as sync_redis
+
+    secret = "s3cret-Pw-demo"
+    with LocalServer("valkey") as server:
+        sync_redis.Redis.from_url(server.url).config_set("requirepass", secret)
+        url = f"redis://default:{secret}@{server.host}:{server.port}/0?password={secret}"
+        result = await asyncio.to_thread(_run_demo, "--redis-url", url, "--tasks", "1",
+                                         "--no-kill", "--json", "--pace", "0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    header = json.loads(result.stdout.splitlines()[0])["header"]
+    assert f"default:***@{server.host}:{server.port}/0?password=***" in header["server"]
+    assert secret not in result.stdout + result.stderr
