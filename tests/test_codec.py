@@ -11,7 +11,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentstreams._codec import decode_entry, encode_event, entry_to_pairs, new_event_id
+from agentstreams._codec import decode_entry, encode_event, new_event_id
 from agentstreams._constants import FORMAT_VERSION
 from agentstreams._events import Event, EventType
 from agentstreams.errors import (
@@ -86,7 +86,8 @@ def test_roundtrip_through_a_real_server(sync_valkey: redis.Redis, event_type: s
                                          fields: dict[str, Any]) -> None:
     entry = encode_event(event_type, fields, timestamp=1234.5)
     msg_id: bytes = sync_valkey.execute_command(  # type: ignore[no-untyped-call]
-        "XADD", "codec-property-stream", "MAXLEN", "100", "*", *entry_to_pairs(entry))
+        "XADD", "codec-property-stream", "MAXLEN", "100", "*",
+        *(part for pair in entry.items() for part in pair))
     stored: list[tuple[bytes, dict[bytes, bytes]]] = sync_valkey.xrange(  # type: ignore[assignment]
         "codec-property-stream", min=msg_id, max=msg_id)
     [(read_id, read_fields)] = stored
@@ -294,3 +295,22 @@ def test_invalid_argument_errors_are_value_errors() -> None:
     """Code written against the reference catches ValueError."""
     with pytest.raises(ValueError, match="non-empty"):
         encode_event("", {})
+
+
+@given(event_type=event_types, fields=payloads)
+@settings(max_examples=200, deadline=None)
+def test_the_size_checked_is_every_name_and_value_of_the_entry(event_type: str,
+                                                               fields: dict[str, Any]) -> None:
+    """One size rule: what the encoder counts is what ``decode_entry`` counts (metadata
+    included), so an event published at the limit is never refused by a consumer."""
+    kwargs: dict[str, Any] = {"event_id": "e" * 32, "timestamp": 1700000000.25,
+                              "traceparent": "00-ab-cd-01", "tracestate": "k=v"}
+    entry = encode_event(event_type, fields, **kwargs)
+    size = sum(len(name) + len(value) for name, value in entry.items())
+    assert encode_event(event_type, fields, max_event_bytes=size, **kwargs) == entry
+    decode_entry("1-0", entry, stream="s", max_event_bytes=size)
+    with pytest.raises(PayloadTooLargeError) as info:
+        encode_event(event_type, fields, max_event_bytes=size - 1, **kwargs)
+    assert info.value.size == size
+    with pytest.raises(MalformedEventError, match="over the"):
+        decode_entry("1-0", entry, stream="s", max_event_bytes=size - 1)

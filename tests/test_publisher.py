@@ -21,7 +21,6 @@ from agentstreams import (
 )
 from agentstreams._codec import decode_entry
 from agentstreams._connection import ConnectionSettings, create_client
-from agentstreams._publisher import MAX_BATCH
 from agentstreams.server import LocalServer
 from conftest import stream_entries, stream_ids, wait_for, xadd_raw
 
@@ -80,15 +79,28 @@ async def test_invalid_idempotency_keys(client: aioredis.Redis, key: str) -> Non
         await Publisher(client, "s").publish("t", {}, idempotency_key=key)
 
 
-async def test_publish_many_splits_big_batches_and_keeps_order(
+async def test_publish_many_big_batches_keep_order(
         client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
     publisher = Publisher(client, stream_name)
-    n = MAX_BATCH * 2 + 7
+    n = 2507
     ids = await publisher.publish_many([{"type": "t", "i": i} for i in range(n)])
     assert len(ids) == n
     assert ids == await stream_ids(raw, stream_name)
     entries = await stream_entries(raw, stream_name)
     assert [decode_entry(i, f, stream=stream_name)["i"] for i, f in entries] == list(range(n))
+
+
+@pytest.mark.parametrize("position", [1000, 2400])
+async def test_publish_many_is_one_transaction_whatever_its_size(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str, position: int) -> None:
+    """Above 1,000 events too: a bad event late in the batch publishes nothing (this used to
+    be one transaction per 1,000, so the first thousands landed)."""
+    publisher = Publisher(client, stream_name)
+    events: list[dict[str, Any]] = [{"type": "t", "i": i} for i in range(2500)]
+    events[position] = {"type": "t", "_reserved": 1}
+    with pytest.raises(InvalidArgumentError, match="_reserved"):
+        await publisher.publish_many(events)
+    assert await raw.exists(stream_name) == 0
 
 
 @pytest.mark.parametrize(("events", "message"), [

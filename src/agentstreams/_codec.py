@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -58,7 +58,6 @@ __all__ = [
     "decode_entry",
     "encode_event",
     "encode_event_resp",
-    "encode_resp",
     "new_event_id",
     "validate_event_type",
 ]
@@ -75,11 +74,8 @@ _METADATA_PREFIX = b"_"
 #: the hot paths look them up instead of re-validating and re-encoding. Once full they stop
 #: growing (entries from other writers may carry arbitrary names).
 _NAME_CACHE_MAX = 4096
-_ENCODED_NAMES: dict[str, bytes] = {}
 _DECODED_NAMES: dict[bytes, str] = {}
 _JSON_NAME_SETS: dict[bytes, frozenset[bytes]] = {}
-#: (EventType members are keys of their own: they hash by name, and never equal a str key.)
-_ENCODED_TYPES: dict[str | EventType, bytes] = {}
 #: Event types cached by value: exactly str and EventType (a subclass could hash or compare
 #: in its own way).
 _CACHEABLE_TYPES = (str, EventType)
@@ -160,90 +156,6 @@ def _refuse_nan(name: str, value: Any) -> None:
             ) from exc
 
 
-def _encoded_type(event_type: str | EventType) -> bytes:
-    """The event type as bytes (validated; cached per distinct type)."""
-    cacheable = type(event_type) in _CACHEABLE_TYPES
-    if cacheable:
-        cached = _ENCODED_TYPES.get(event_type)
-        if cached is not None:
-            return cached
-    type_str = validate_event_type(event_type)
-    encoded = type_str.encode()
-    if cacheable and len(_ENCODED_TYPES) < _NAME_CACHE_MAX:
-        _ENCODED_TYPES[event_type] = encoded
-    return encoded
-
-
-def encode_event(
-    event_type: str | EventType,
-    fields: Mapping[str, Any],
-    *,
-    event_id: str | None = None,
-    timestamp: float | None = None,
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    traceparent: str | None = None,
-    tracestate: str | None = None,
-    stream: str | None = None,
-) -> EncodedEntry:
-    """Encode one event into stream entry fields.
-
-    ``fields`` must not contain ``type``; a ``timestamp`` field, when given, must be a number
-    and is the producer timestamp (otherwise the current time is written).
-    """
-    type_bytes = _encoded_type(event_type)
-    entry: EncodedEntry = {b"type": type_bytes}
-    json_names: list[bytes] = []
-    size = len(type_bytes) + 4
-    has_timestamp = False
-    encoded_names = _ENCODED_NAMES
-    for name, value in fields.items():
-        # Hot path: a name seen before was validated then (and is neither 'type' nor '_...').
-        key = encoded_names.get(name) if type(name) is str else None
-        if key is None:
-            key = _check_field_name(name)
-            if name == FIELD_TYPE:
-                raise InvalidArgumentError("pass the event type separately, not as a 'type' "
-                                           "field")
-            if type(name) is str and len(encoded_names) < _NAME_CACHE_MAX:
-                encoded_names[name] = key
-        if name == FIELD_TIMESTAMP:
-            _check_timestamp(value)
-            has_timestamp = True
-        if type(value) is str:
-            try:
-                encoded = value.encode()
-            except UnicodeEncodeError as exc:
-                raise SerializationError(
-                    f"field {name!r} holds a string that is not valid Unicode (lone surrogate)"
-                ) from exc
-        else:
-            encoded = _dump_json(name, value)
-            json_names.append(key)
-        entry[key] = encoded
-        size += len(key) + len(encoded)
-    if not has_timestamp:
-        entry[b"timestamp"] = _timestamp_text(timestamp).encode()
-        json_names.append(b"timestamp")
-    entry[B_FIELD_VERSION] = FORMAT_VERSION_BYTES
-    entry[B_FIELD_EVENT_ID] = (event_id or new_event_id()).encode()
-    if json_names:
-        entry[B_FIELD_JSON] = _JSON_SEPARATOR.join(json_names)
-    if traceparent:
-        entry[B_FIELD_TRACEPARENT] = traceparent.encode()
-        if tracestate:
-            entry[B_FIELD_TRACESTATE] = tracestate.encode()
-    if size > max_event_bytes:
-        type_str = type_bytes.decode()
-        raise PayloadTooLargeError(
-            f"event of type {type_str!r} is {size} bytes, over the {max_event_bytes}-byte limit; "
-            "store large payloads elsewhere and publish a reference, or raise max_event_bytes",
-            size=size,
-            limit=max_event_bytes,
-            stream=stream,
-        )
-    return entry
-
-
 def _text_byte_length(name: object, value: str) -> int:
     """UTF-8 length of a str value, refusing lone surrogates (ASCII needs no encoding)."""
     if value.isascii():
@@ -282,6 +194,12 @@ _RESP_JSON = _resp_bulk(FIELD_JSON)
 _RESP_VERSION_EID = f"{_RESP_VERSION}{_RESP_EVENT_ID}$32\r\n"
 _RESP_TRACEPARENT = _resp_bulk(FIELD_TRACEPARENT)
 _RESP_TRACESTATE = _resp_bulk(FIELD_TRACESTATE)
+#: Bytes the metadata field names (and the format version) add to an entry's size.
+_TIMESTAMP_NAME_BYTES = len(FIELD_TIMESTAMP)
+_VERSION_EID_BYTES = len(FIELD_VERSION) + len(FORMAT_VERSION_BYTES) + len(FIELD_EVENT_ID)
+_JSON_NAME_BYTES = len(FIELD_JSON)
+_TRACEPARENT_NAME_BYTES = len(FIELD_TRACEPARENT)
+_TRACESTATE_NAME_BYTES = len(FIELD_TRACESTATE)
 
 
 def _resp_name(name: object) -> tuple[str, int]:
@@ -339,23 +257,20 @@ def encode_event_resp(
     stream: str | None = None,
     type_in_fields: bool = False,
 ) -> tuple[int, str]:
-    r"""The entry ``encode_event`` writes, as RESP text: ``(argument count, bulk strings)``.
+    r"""Encode (and validate) one event: the entry's fields as RESP bulk strings.
 
-    Same validation, field order and UTF-8 bytes as ``encode_event``. The publisher puts
-    ``*<n>\r\n$4\r\nXADD\r\n<key>...*`` in front and encodes a whole pipelined batch with
-    ONE ``str.encode``: packing thousands of arguments one by one is what makes batches slow
-    in Python. Every value went through a UTF-8 check here, so that encode cannot fail. With
-    ``type_in_fields``, a ``type`` key in ``fields`` is the event type and is skipped.
+    This is THE encoder: every publish path writes what it returns (``encode_event`` is a
+    view of it). Returns ``(argument count, text)``; the publisher puts
+    ``*<n>\r\n$4\r\nXADD\r\n<key>...*`` in front and encodes a whole batch with ONE
+    ``str.encode`` (packing thousands of arguments one by one is what makes batches slow in
+    Python). Every value went through a UTF-8 check here, so that encode cannot fail.
+
+    ``fields`` must not contain ``type`` (with ``type_in_fields``, a ``type`` key is the
+    event type and is skipped); a ``timestamp`` field, when given, must be a number and is the
+    producer timestamp (otherwise ``timestamp`` or the current time is written). The size
+    checked against ``max_event_bytes`` is every field name and value of the entry, metadata
+    included: exactly what ``decode_entry`` counts.
     """
-    return encode_resp(event_type, fields, type_in_fields, max_event_bytes, event_id,
-                        timestamp, traceparent, tracestate, stream)
-
-
-def encode_resp(event_type: str | EventType, fields: Mapping[str, Any], type_in_fields: bool,
-                 max_event_bytes: int, event_id: str | None = None,
-                 timestamp: float | None = None, traceparent: str | None = None,
-                 tracestate: str | None = None, stream: str | None = None) -> tuple[int, str]:
-    """``encode_event_resp`` with positional arguments only (cheaper per call in batch loops)."""
     head = _RESP_TYPES.get(event_type) if type(event_type) in _CACHEABLE_TYPES else None
     if head is None:
         head = _resp_type(event_type)
@@ -399,31 +314,67 @@ def encode_resp(event_type: str | EventType, fields: Mapping[str, Any], type_in_
         stamp = _timestamp_text(timestamp)
         json_names.append(FIELD_TIMESTAMP)
         parts.append(f"{_RESP_TIMESTAMP}{lengths[len(stamp)]}{stamp}\r\n")
+        size += _TIMESTAMP_NAME_BYTES + len(stamp)
         nargs += 2
     if event_id is None:
         parts.append(f"{_RESP_VERSION_EID}{new_event_id()}\r\n")
+        size += _VERSION_EID_BYTES + 32
     else:
         parts.append(f"{_RESP_VERSION}{_RESP_EVENT_ID}{_resp_bulk(event_id)}")
+        size += _VERSION_EID_BYTES + _text_byte_length(FIELD_EVENT_ID, event_id)
     if json_names:
         joined = ",".join(json_names)
-        parts.append(f"{_RESP_JSON}{_resp_length(len(joined.encode()))}{joined}\r\n")
+        joined_length = len(joined) if joined.isascii() else len(joined.encode())
+        parts.append(f"{_RESP_JSON}{_resp_length(joined_length)}{joined}\r\n")
+        size += _JSON_NAME_BYTES + joined_length
         nargs += 2
     if traceparent:
         parts.append(_RESP_TRACEPARENT + _resp_bulk(traceparent))
+        size += _TRACEPARENT_NAME_BYTES + _text_byte_length(FIELD_TRACEPARENT, traceparent)
         nargs += 2
         if tracestate:
             parts.append(_RESP_TRACESTATE + _resp_bulk(tracestate))
+            size += _TRACESTATE_NAME_BYTES + _text_byte_length(FIELD_TRACESTATE, tracestate)
             nargs += 2
     if size > max_event_bytes:
         raise PayloadTooLargeError(
-            f"event of type {head[2]!r} is {size} bytes, over the {max_event_bytes}-byte "
-            "limit; store large payloads elsewhere and publish a reference, or raise "
-            "max_event_bytes",
+            f"event of type {head[2]!r} is {size} bytes (field names and values, metadata "
+            f"included), over the {max_event_bytes}-byte limit; store large payloads elsewhere "
+            "and publish a reference, or raise max_event_bytes",
             size=size,
             limit=max_event_bytes,
             stream=stream,
         )
     return nargs, "".join(parts)
+
+
+def encode_event(
+    event_type: str | EventType,
+    fields: Mapping[str, Any],
+    *,
+    event_id: str | None = None,
+    timestamp: float | None = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+    stream: str | None = None,
+) -> EncodedEntry:
+    """The entry ``encode_event_resp`` writes, as a field -> value dict (for tools and
+    tests; the publish paths send the RESP text itself)."""
+    nargs, text = encode_event_resp(
+        event_type, fields, event_id=event_id, timestamp=timestamp,
+        max_event_bytes=max_event_bytes, traceparent=traceparent, tracestate=tracestate,
+        stream=stream)
+    data = text.encode()
+    values: list[bytes] = []
+    pos = 0
+    while len(values) < nargs:  # $<length>\r\n<bytes>\r\n, nargs times
+        end = data.index(b"\r\n", pos)
+        start = end + 2
+        stop = start + int(data[pos + 1:end])
+        values.append(data[start:stop])
+        pos = stop + 2
+    return dict(zip(values[::2], values[1::2], strict=True))
 
 
 def _as_str(raw: bytes, what: str, fields: Mapping[bytes, bytes], stream: str,
@@ -572,17 +523,3 @@ def decode_entry(
         traceparent=traceparent,
         tracestate=tracestate,
     )
-
-
-def entry_to_pairs(entry: Mapping[bytes, bytes]) -> list[bytes]:
-    """Flatten entry fields into ``[k1, v1, k2, v2, ...]`` (for scripts and pipelines)."""
-    out: list[bytes] = []
-    for key, value in entry.items():
-        out.append(key)
-        out.append(value)
-    return out
-
-
-def metadata_field_names() -> Iterable[str]:
-    """Names of the metadata fields agentstreams writes (all start with an underscore)."""
-    return (FIELD_VERSION, FIELD_EVENT_ID, FIELD_JSON, FIELD_TRACEPARENT, FIELD_TRACESTATE)

@@ -26,6 +26,7 @@ from agentstreams._constants import (
     RECONNECT_BACKOFF_BASE_S,
     RECONNECT_BACKOFF_CAP_S,
 )
+from agentstreams._transport import CheckedConnectionPool
 from agentstreams.errors import (
     AgentStreamsError,
     AuthenticationError,
@@ -182,13 +183,15 @@ def create_client(settings: ConnectionSettings, **overrides: Any) -> Redis:
         kwargs["client_name"] = settings.client_name
     kwargs.update(overrides)
     try:
-        client = aioredis.Redis.from_url(settings.url, **kwargs)
+        # Our pool: it never hands out a connection that died while idle (see its docstring).
+        pool = CheckedConnectionPool.from_url(settings.url, **kwargs)
     except ValueError as exc:
         raise InvalidArgumentError(f"invalid redis URL {redact_url(settings.url)!r}: {exc}") \
             from exc
-    pool = client.connection_pool
     pool.connection_class = _CONNECTION_CLASSES.get(pool.connection_class,
                                                     pool.connection_class)
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as from_url does: aclose() closes the pool
     return client
 
 

@@ -23,8 +23,6 @@ FIELD_TRACEPARENT: Final = "_tp"
 FIELD_TRACESTATE: Final = "_tstate"
 
 # Byte forms used on the hot decode path.
-B_FIELD_TYPE: Final = FIELD_TYPE.encode()
-B_FIELD_TIMESTAMP: Final = FIELD_TIMESTAMP.encode()
 B_FIELD_VERSION: Final = FIELD_VERSION.encode()
 B_FIELD_EVENT_ID: Final = FIELD_EVENT_ID.encode()
 B_FIELD_JSON: Final = FIELD_JSON.encode()

@@ -1,22 +1,30 @@
-"""Publishing: single events, batches in one round trip, and idempotent publishes.
+"""Publishing: single events, atomic batches, coalesced concurrent publishes, idempotent
+publishes. Every byte goes through ``_transport`` (connection checks, timeouts, replies).
 
-Concurrent ``publish`` calls on one ``Publisher`` are coalesced: while one round trip is in
-flight, what arrives waits and goes out together in the next one. An idle publisher sends at
-once, so coalescing adds no latency, and a sequential caller always takes the plain XADD path.
-While callers keep publishing, the publisher holds one connection and pipelines their batches
-on it: a batch is written as soon as it is full, without waiting for the replies to earlier
-ones, so the server works while the callers encode. Every path writes the same entry.
+Paths, all writing the entry ``encode_event_resp`` encodes:
 
-A batch (``publish_many``, or coalesced publishes) is ``MULTI``, one ``XADD`` per event,
-``EXEC``, written as one pipelined round trip whose RESP we pack ourselves (one ``str.encode``
-for the whole batch). It is atomic like a script call (the server runs all of it or, when the
-connection drops before ``EXEC``, none of it), and per event the server does a plain XADD
-(about 1 us) instead of a script's JSON decode and ``redis.call`` (about 4 us).
+* ``publish`` on an idle publisher: one XADD, packed by us in one ``str.encode``.
+* ``publish`` while a round trip is in flight: coalesced. What arrives waits and goes out in
+  the next write, as pipelined plain XADDs on a connection the publisher holds while callers
+  keep publishing (a full chunk is written at once, without waiting for earlier replies, so
+  the server works while the callers encode). Each caller gets its own id or its own error;
+  the XADDs are independent (no transaction: atomicity between callers means nothing).
+* ``publish_many``: ``MULTI``, one XADD per event, ``EXEC`` in one round trip, streamed while
+  it is encoded; atomic like a script call, but per event the server does a plain XADD (about
+  1 us) instead of a script's JSON decode and ``redis.call`` (about 4 us).
+* ``publish(..., idempotency_key=...)``: ``EVALSHA`` of the idempotent-XADD script with the
+  same encoded fields.
+
+Errors say what happened: ``ConnectionLostError`` means nothing was written;
+``PublishTimeoutError`` (a subclass) means it may have landed. Every publish returns or raises
+within ``timeout_s`` (the client's socket timeout unless given; time spent encoding a large
+batch does not count), plus the time to hand bytes to a slow socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,87 +34,42 @@ from typing import Any, Literal
 import redis.exceptions as redis_exc
 
 from agentstreams import _scripts as scripts
-from agentstreams._codec import encode_event, encode_resp, entry_to_pairs
+from agentstreams._codec import encode_event_resp
 from agentstreams._connection import Redis, translate_error
-from agentstreams._constants import DEFAULT_IDEMPOTENCY_WINDOW_S, DEFAULT_MAX_EVENT_BYTES
+from agentstreams._constants import (
+    DEFAULT_IDEMPOTENCY_WINDOW_S,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_SOCKET_TIMEOUT_S,
+)
 from agentstreams._events import EventType
 from agentstreams._observe import get_observer
 from agentstreams._streams import idempotency_key_name, to_str
-from agentstreams.errors import AgentStreamsError, InvalidArgumentError, PublishTimeoutError
+from agentstreams._transport import MaybeWrittenError, Pipe, exchange
+from agentstreams.errors import (
+    AgentStreamsError,
+    ConnectionLostError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    PublishTimeoutError,
+)
 from agentstreams.tracing import current_trace_headers
 
 __all__ = ["Publisher", "StreamCap"]
 
-#: Largest batch sent in one round trip; bigger batches are split.
-MAX_BATCH = 1000
-
-#: Events encoded per write when a batch is streamed into its transaction.
+#: Events encoded per write when a ``publish_many`` transaction is streamed.
 _STREAM_CHUNK = 64
 #: Coalesced publishes written as soon as this many wait (see ``Publisher._flush_waiting``).
 _PIPE_CHUNK = 16
+#: Most coalesced publishes written in one batch.
+_PIPE_MAX = 1000
 
 _MULTI = "*1\r\n$5\r\nMULTI\r\n"
 _EXEC = "*1\r\n$4\r\nEXEC\r\n"
+_IDEMPOTENT_SHA = hashlib.sha1(scripts.IDEMPOTENT_XADD.encode()).hexdigest()
 
 
 def _bulk(text: str) -> str:
     return f"${len(text.encode())}\r\n{text}\r\n"
-
-
-
-try:  # what redis-py's hiredis reader returns while a reply is incomplete
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover - another redis-py layout: per-reply reads instead
-    _NOT_ENOUGH_DATA = None
-
-
-async def _read_replies(conn: Any, count: int) -> list[Any]:
-    """Read ``count`` replies from a connection; error replies are returned, not raised.
-
-    With hiredis, replies already received are taken straight from its reader (one C call
-    each) and the socket is read only when the reader runs dry: the parser's per-reply
-    coroutine would cost more than the XADD behind each reply. Otherwise, one
-    ``read_response`` per reply.
-    """
-    parser: Any = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    if reader is None or _NOT_ENOUGH_DATA is None or not hasattr(parser, "read_from_socket"):
-        read = conn.read_response if parser is None else parser.read_response
-        return [await read() for _ in range(count)]
-    if not getattr(parser, "_connected", True):
-        raise redis_exc.ConnectionError("Connection closed by server.")
-    push_type = getattr(parser, "_hiredis_PushNotificationType", None)
-    gets = reader.gets
-    replies: list[Any] = []
-    append = replies.append
-    while len(replies) < count:
-        reply = gets()
-        if reply is _NOT_ENOUGH_DATA:
-            await parser.read_from_socket()
-        elif isinstance(reply, redis_exc.ConnectionError):
-            raise reply
-        elif push_type is not None and isinstance(reply, push_type):
-            await parser.handle_push_response(reply)  # RESP3 out-of-band message
-        else:
-            append(reply)
-    return replies
-
-
-def _exec_ids(replies: list[Any]) -> list[str]:
-    """The stream ids from the replies to ``MULTI``, the ``XADD``s and ``EXEC``; raises the
-    first error the server gave (one queued command refused aborts the whole EXEC)."""
-    for reply in replies[:-1]:  # +OK, then +QUEUED or the error that aborts the EXEC
-        if isinstance(reply, Exception):
-            raise reply
-    result = replies[-1]
-    if isinstance(result, Exception):
-        raise result
-    if not isinstance(result, list):
-        raise redis_exc.ResponseError(f"unexpected reply to EXEC: {result!r}")
-    for item in result:
-        if isinstance(item, Exception):
-            raise item
-    return [to_str(x) for x in result]
 
 
 def _fail_all(futures: Iterable[asyncio.Future[str]], error: BaseException | None) -> None:
@@ -148,7 +111,12 @@ class StreamCap:
 
 
 class Publisher:
-    """Writes events to one stream. Cheap to create; shares the client it is given."""
+    """Writes events to one stream. Cheap to create; shares the client it is given.
+
+    ``timeout_s`` bounds every publish (connecting, writing and waiting for the reply
+    together); by default it is the client's socket timeout (``socket_timeout_s`` of
+    ``AgentCoordinator``, 10 s unless set).
+    """
 
     def __init__(
         self,
@@ -159,50 +127,64 @@ class Publisher:
         cap: StreamCap | None = None,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         coalesce: bool = True,
+        timeout_s: float | None = None,
     ) -> None:
         if not isinstance(max_event_bytes, int) or max_event_bytes <= 0:
             raise InvalidArgumentError("max_event_bytes must be a positive integer")
         if idempotency_window_s <= 0:
             raise InvalidArgumentError("idempotency_window_s must be positive")
+        if timeout_s is None:
+            configured = client.connection_pool.connection_kwargs.get("socket_timeout")
+            timeout_s = (float(configured) if isinstance(configured, int | float)
+                         and configured > 0 else DEFAULT_SOCKET_TIMEOUT_S)
+        elif not isinstance(timeout_s, int | float) or timeout_s <= 0:
+            raise InvalidArgumentError("timeout_s must be a positive number of seconds")
         self.client = client
         self.stream = stream
         self.max_event_bytes = max_event_bytes
         self.cap = cap
         self.idempotency_window_s = idempotency_window_s
+        self.timeout_s = float(timeout_s)
+        self._pool = client.connection_pool
         self._cap_args: list[str | int] = cap.args() if cap and cap.kind == "maxlen" else []
-        self._idempotent = client.register_script(scripts.IDEMPOTENT_XADD)
-        #: RESP of the stream key, for the pipelined batches
+        #: RESP of the stream key, for the hand-packed commands
         self._key_resp = _bulk(stream)
         self._head: tuple[str, int] | None = None
+        #: True once this publisher saw the server accept a MULTI: until then a transaction
+        #: waits for MULTI's +OK before writing its XADDs (when MULTI is denied, XADDs sent
+        #: behind it would run outside the transaction).
+        self._multi_confirmed = False
         #: Coalesce concurrent ``publish`` calls into one round trip (see the module docstring).
         self.coalesce = coalesce
         #: True while a round trip of this publisher's (a plain XADD or a flush) is in flight.
         self._busy = False
-        #: Events that arrived while busy: (encoded as RESP, the caller's future).
+        #: Events that arrived while busy: (encoded, the caller's future), and the loop time
+        #: by which the oldest of them must be answered.
         self._waiting: list[tuple[tuple[int, str], asyncio.Future[str]]] = []
+        self._waiting_deadline = 0.0
         self._flusher: asyncio.Task[None] | None = None
         #: The connection the flusher holds while batches are in flight, and those batches'
-        #: callers, oldest first (replies come back in the order the batches were written).
-        self._pipe: Any = None
-        self._in_flight: deque[list[asyncio.Future[str]]] = deque()
+        #: callers with their deadline, oldest first (replies come back in write order).
+        self._pipe: Pipe | None = None
+        self._in_flight: deque[tuple[list[asyncio.Future[str]], float]] = deque()
 
     def _current_cap_args(self) -> list[str | int]:
         if self.cap is None:
             return []
         return self._cap_args if self.cap.kind == "maxlen" else self.cap.args()
 
-    def _fail(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, redis_exc.TimeoutError):
-            return PublishTimeoutError(
-                "no reply to a publish: it may or may not have been written; retry with the "
-                "same idempotency_key to publish exactly once", stream=self.stream)
-        return translate_error(exc, stream=self.stream)
+    def _maybe_landed(self, exc: MaybeWrittenError) -> PublishTimeoutError:
+        return PublishTimeoutError(
+            f"the connection failed after the publish was sent ({exc}): it may or may not "
+            "have been written; retry with the same idempotency_key to publish exactly once",
+            stream=self.stream)
 
-    def encode(self, event_type: str | EventType, fields: Mapping[str, Any],
-               **kwargs: Any) -> dict[bytes, bytes]:
-        """Encode (and validate) without sending."""
-        return encode_event(event_type, fields, max_event_bytes=self.max_event_bytes,
-                            stream=self.stream, **kwargs)
+    def _refused(self, reply: Exception) -> BaseException:
+        """The error for a command the server refused (an error reply)."""
+        error = translate_error(reply, stream=self.stream)
+        if error is not reply:
+            error.__cause__ = reply
+        return error
 
     async def publish(
         self,
@@ -221,39 +203,42 @@ class Publisher:
         """
         if traceparent is None:
             traceparent, tracestate = current_trace_headers()
-        if idempotency_key is None and self._busy and self.coalesce:
+        if idempotency_key is not None:
+            return await self._publish_idempotent(event_type, fields, idempotency_key,
+                                                  event_id, traceparent, tracestate)
+        encoded = encode_event_resp(event_type, fields, event_id=event_id,
+                                    max_event_bytes=self.max_event_bytes,
+                                    traceparent=traceparent, tracestate=tracestate,
+                                    stream=self.stream)
+        if self._busy and self.coalesce:
             # Queue for the next round trip (see the module docstring) and wait for the id.
-            text = encode_resp(event_type, fields, False, self.max_event_bytes, event_id, None,
-                               traceparent, tracestate, self.stream)
-            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[str] = loop.create_future()
             waiting = self._waiting
-            waiting.append((text, future))
+            if not waiting:
+                self._waiting_deadline = loop.time() + self.timeout_s
+            waiting.append((encoded, future))
             if len(waiting) >= _PIPE_CHUNK and self._pipe is not None:
                 self._write_waiting()  # out now, while the other callers are still encoding
             return await future
-        if idempotency_key is not None:
-            entry = encode_event(event_type, fields, event_id=event_id,
-                                 max_event_bytes=self.max_event_bytes, traceparent=traceparent,
-                                 tracestate=tracestate, stream=self.stream)
-            return await self._publish_idempotent(entry, idempotency_key)
-        nargs, body = encode_resp(event_type, fields, False, self.max_event_bytes, event_id,
-                                  None, traceparent, tracestate, self.stream)
+        nargs, body = encoded
         head, base = self._xadd_head()
         self._busy = True
         try:
-            # Packed by us in one encode: redis-py's per-argument packing costs more than the
-            # rest of a publish (the entry carries three metadata fields on top of the user's).
-            (msg_id,) = await self._exchange((f"*{base + nargs}\r\n{head}{body}".encode(),), 1)
-            if isinstance(msg_id, Exception):
-                raise msg_id
+            (reply,) = await exchange(self._pool, f"*{base + nargs}\r\n{head}{body}".encode(), 1,
+                                      timeout_s=self.timeout_s)
+        except MaybeWrittenError as exc:
+            raise self._maybe_landed(exc) from exc.cause
         except (redis_exc.RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
+            raise translate_error(exc, stream=self.stream) from exc
         finally:
             self._busy = False
             if self._waiting:
                 self._start_flusher()
+        if isinstance(reply, Exception):
+            raise self._refused(reply)
         get_observer().on_published(self.stream, 1)
-        return to_str(msg_id)
+        return to_str(reply)
 
     def _xadd_head(self) -> tuple[str, int]:
         """RESP of ``XADD <stream> [cap] *`` and its argument count."""
@@ -266,6 +251,8 @@ class Publisher:
             self._head = (head, 3 + len(cap))
         return head, 3 + len(cap)
 
+    # ------------------------------------------------------------------ coalesced publishes
+
     def _start_flusher(self) -> None:
         self._busy = True
         self._flusher = asyncio.get_running_loop().create_task(
@@ -274,18 +261,20 @@ class Publisher:
     async def _flush_waiting(self) -> None:
         """Hold one pooled connection while publishes keep arriving and pipeline them on it.
 
-        What waits is written as a batch (``MULTI``/``XADD``.../``EXEC``) without waiting for
-        the batches already in flight; a publishing call that fills a chunk writes it itself,
-        so the server works on it while the other callers are still encoding. The replies are
-        read here, in order, and each caller gets its id. After a batch is answered its callers
-        usually publish again at once: one loop iteration's grace lets them queue here instead
-        of each starting a plain XADD. The connection goes back to the pool when nothing waits.
+        What waits is written as one batch of XADDs without waiting for the batches already in
+        flight; a publishing call that fills a chunk writes it itself, so the server works on
+        it while the other callers are still encoding. The replies are read here, in order,
+        each within the deadline of the batch's oldest caller, and each caller gets its id or
+        its error. After a batch is answered its callers usually publish again at once: one
+        loop iteration's grace lets them queue here instead of each starting a plain XADD.
+        The connection goes back to the pool when nothing waits.
         """
-        pool = self.client.connection_pool
-        conn: Any = None
+        pipe: Pipe | None = None
+        clean = False
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            self._pipe = conn
+            async with asyncio.timeout_at(self._waiting_deadline):
+                pipe = await Pipe.open(self._pool)
+            self._pipe = pipe
             while True:
                 if not self._in_flight and not self._waiting:
                     await asyncio.sleep(0)
@@ -295,91 +284,116 @@ class Publisher:
                     self._write_waiting()
                     if not self._in_flight:  # the connection is closing: nothing was written
                         raise redis_exc.ConnectionError("Connection closed by server.")
-                futures = self._in_flight[0]
-                async with asyncio.timeout(conn.socket_timeout):
-                    replies = await _read_replies(conn, len(futures) + 2)
+                futures, deadline = self._in_flight[0]
+                async with asyncio.timeout_at(deadline):
+                    await pipe.flush()
+                    replies = await pipe.read(len(futures))
                 self._in_flight.popleft()
-                try:
-                    ids = _exec_ids(replies)
-                except redis_exc.RedisError as exc:  # the server refused this batch
-                    _fail_all(futures, self._fail(exc))
-                    continue
-                get_observer().on_published(self.stream, len(ids))
-                for future, msg_id in zip(futures, ids, strict=True):
-                    if not future.done():
-                        future.set_result(msg_id)
+                self._settle(futures, replies)
+            clean = True
         except BaseException as exc:
-            # Lost, timed out, cancelled (or a bug): what was written may or may not have been
-            # applied, and the connection's state is unknown. Every waiting caller is told.
-            if conn is not None:
-                await conn.disconnect(nowait=True)
-            error: BaseException | None
-            if isinstance(exc, TimeoutError):
-                error = self._fail(redis_exc.TimeoutError("Timeout reading a batch's replies"))
-            elif isinstance(exc, redis_exc.RedisError | OSError):
-                error = self._fail(exc)
-            elif isinstance(exc, Exception):
-                error = exc
-            else:
-                error = None  # cancelled: so are the callers
-            for futures in self._in_flight:
-                _fail_all(futures, error)
+            # Lost, timed out, cancelled (or a bug): every waiting caller is told. What was
+            # written may or may not have been applied; what still waited was not written.
+            written_error, unwritten_error = self._flush_errors(exc)
+            for futures, _ in self._in_flight:
+                _fail_all(futures, written_error)
             self._in_flight.clear()
-            _fail_all([future for _, future in self._waiting], error)
+            _fail_all([future for _, future in self._waiting], unwritten_error)
             self._waiting.clear()
-            if error is None:
-                raise
+            if not isinstance(exc, Exception):
+                raise  # cancelled: so are the callers
         finally:
             self._pipe = None
-            if conn is not None:
-                await pool.release(conn)
-            self._busy = False
+            if pipe is not None:
+                await pipe.close(clean=clean)
             self._flusher = None
+            self._busy = False
+            if self._waiting:  # arrived while the connection was given back
+                self._start_flusher()
+
+    def _flush_errors(self, exc: BaseException) -> tuple[BaseException | None,
+                                                          BaseException | None]:
+        """The errors for the callers whose events were written, and for the others."""
+        if not isinstance(exc, Exception):
+            return None, None
+        if isinstance(exc, TimeoutError):
+            exc = redis_exc.TimeoutError(f"no reply from the server within {self.timeout_s}s")
+        elif not isinstance(exc, redis_exc.RedisError | OSError):
+            return exc, exc
+        written = self._maybe_landed(MaybeWrittenError(exc))
+        unwritten = translate_error(exc, stream=self.stream)
+        if isinstance(unwritten, ConnectionLostError):
+            unwritten = ConnectionLostError(
+                f"{unwritten} (this event was not sent)", stream=self.stream)
+        return written, unwritten
 
     def _write_waiting(self) -> None:
-        """Write what waits as one batch on the held connection (no await: buffered)."""
-        writer = getattr(self._pipe, "_writer", None)
-        if writer is None or writer.is_closing():
-            return  # the flusher finds out when it reads, and fails what is in flight
-        batch = self._waiting[:MAX_BATCH]
-        del self._waiting[:MAX_BATCH]
-        writer.write(self._pack_batch(text for text, _ in batch))
-        self._in_flight.append([future for _, future in batch])
-
-    async def _send_text_batch(self, entries: Sequence[tuple[int, str]]) -> list[str]:
-        """One atomic round trip writing ``entries`` (from ``encode_event_resp``) in order;
-        returns their ids."""
-        return await self._send_transaction([self._pack_batch(entries)], len(entries))
-
-    def _pack_batch(self, entries: Iterable[tuple[int, str]]) -> bytes:
-        """``MULTI``, one XADD per encoded event, ``EXEC``, as one RESP payload."""
+        """Write what waits as one pipelined batch on the held connection (no await)."""
+        pipe = self._pipe
+        batch = self._waiting[:_PIPE_MAX]
         head, base = self._xadd_head()
-        parts = [_MULTI]
-        for nargs, body in entries:
-            parts.append(f"*{base + nargs}\r\n{head}{body}")
-        parts.append(_EXEC)
-        return "".join(parts).encode()
+        data = "".join([f"*{base + nargs}\r\n{head}{body}"
+                        for (nargs, body), _ in batch]).encode()
+        if pipe is None or not pipe.write(data):
+            return  # the connection is closing: the flusher finds out and tells the callers
+        del self._waiting[:_PIPE_MAX]
+        self._in_flight.append(([future for _, future in batch], self._waiting_deadline))
 
-    async def _send_transaction(self, pieces: Iterable[bytes], commands: int) -> list[str]:
-        """Run a transaction of ``commands`` XADDs written as ``pieces``; returns the ids."""
+    def _settle(self, futures: list[asyncio.Future[str]], replies: list[Any]) -> None:
+        """Give each caller of a batch its id, or its own error."""
+        published = 0
+        for future, reply in zip(futures, replies, strict=True):
+            if isinstance(reply, Exception):
+                if not future.done():
+                    future.set_exception(self._refused(reply))
+            else:
+                published += 1
+                if not future.done():
+                    future.set_result(to_str(reply))
+        if published:
+            get_observer().on_published(self.stream, published)
+
+    # ------------------------------------------------------------------ batches
+
+    async def publish_many(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Append many events in one atomic transaction, in one round trip whatever their
+        number; returns their ids in order.
+
+        Each mapping holds a ``type`` and the event's fields. The transaction is written
+        while it is encoded: an event that fails validation raises before ``EXEC`` is sent
+        and the transaction is discarded, so one bad event publishes nothing. If the server
+        refuses ``MULTI`` (an ACL), nothing is written and ``PermissionDeniedError`` is
+        raised; should that start happening after this publisher saw MULTI accepted (the ACL
+        changed meanwhile), the XADDs run on their own and the error lists the ids written.
+        """
+        if isinstance(events, Mapping | str | bytes):
+            raise InvalidArgumentError("publish_many takes a list of event mappings")
+        events = events if isinstance(events, list | tuple) else list(events)
+        if not events:
+            return []
+        traceparent, tracestate = current_trace_headers()
+        gated = not self._multi_confirmed
         try:
-            # MULTI's +OK, one +QUEUED per command, then EXEC's reply
-            reply = _exec_ids(await self._exchange(pieces, commands + 2))
+            replies = await exchange(
+                self._pool, self._transaction(events, traceparent, tracestate, gated),
+                len(events) + 2, timeout_s=self.timeout_s, gated=gated)
+        except MaybeWrittenError as exc:
+            raise self._maybe_landed(exc) from exc.cause
         except (redis_exc.RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
-        get_observer().on_published(self.stream, commands)
-        return reply
+            raise translate_error(exc, stream=self.stream) from exc
+        return self._transaction_ids(replies, len(events))
 
-    def _streamed_batch(self, events: Sequence[Mapping[str, Any]], traceparent: str | None,
-                        tracestate: str | None) -> Iterator[bytes]:
+    def _transaction(self, events: Sequence[Mapping[str, Any]], traceparent: str | None,
+                     tracestate: str | None, gated: bool) -> Iterator[bytes]:
         """``MULTI``, one XADD per event and ``EXEC`` as RESP, encoded a chunk at a time.
 
         Written while the rest is still being encoded, the first XADDs are parsed and queued by
-        the server meanwhile. An event that fails validation raises here before ``EXEC`` is
-        written; the connection is then dropped, which discards the transaction.
+        the server meanwhile. With ``gated``, MULTI comes alone first (see ``exchange``).
         """
         head, base = self._xadd_head()
-        parts = [_MULTI]
+        if gated:
+            yield _MULTI.encode()
+        parts = [] if gated else [_MULTI]
         for index, event in enumerate(events):
             nargs, body = self._encode_item(index, event, traceparent, tracestate)
             parts.append(f"*{base + nargs}\r\n{head}{body}")
@@ -389,85 +403,48 @@ class Publisher:
         parts.append(_EXEC)
         yield "".join(parts).encode()
 
-    async def _exchange(self, pieces: Iterable[bytes], count: int) -> list[Any]:
-        """Write packed commands on a pooled connection and read ``count`` replies (error
-        replies are returned as exception objects, not raised).
+    def _transaction_ids(self, replies: list[Any], count: int) -> list[str]:
+        """The ids from the replies to ``MULTI``, ``count`` XADDs and ``EXEC``; raises what
+        the server refused, naming the events written if any were."""
+        multi = replies[0]
+        if isinstance(multi, Exception):
+            self._multi_confirmed = False
+            # Gated, only MULTI was sent. Otherwise the XADDs ran on their own.
+            written = [(index, to_str(reply)) for index, reply in enumerate(replies[1:1 + count])
+                       if not isinstance(reply, Exception)]
+            error = self._refused(multi)
+            if written:
+                text = self._written_text(f"the server refused MULTI ({multi}), so the "
+                                          "XADDs ran outside a transaction", written, count)
+                if isinstance(error, PermissionDeniedError):
+                    raise PermissionDeniedError(text, command="MULTI",
+                                                stream=self.stream) from multi
+                error.add_note(text)
+            raise error
+        self._multi_confirmed = True
+        result = replies[-1]
+        if isinstance(result, Exception):  # EXECABORT: a queued XADD was refused, none ran
+            raise self._refused(next((reply for reply in replies[1:-1]
+                                      if isinstance(reply, Exception)), result))
+        if not isinstance(result, list):
+            raise redis_exc.ResponseError(f"unexpected reply to EXEC: {result!r}")
+        failed = [reply for reply in result if isinstance(reply, Exception)]
+        if failed:
+            error = self._refused(failed[0])
+            written = [(index, to_str(reply)) for index, reply in enumerate(result)
+                       if not isinstance(reply, Exception)]
+            if written:
+                error.add_note(self._written_text("some XADDs of the transaction failed",
+                                                  written, count))
+            raise error
+        get_observer().on_published(self.stream, count)
+        return [to_str(reply) for reply in result]
 
-        ``pieces`` may be produced lazily (see ``_streamed_batch``); if producing them raises
-        once something was written, the connection is dropped with whatever it had open. The
-        replies are read under ONE timeout (see ``_read_replies``). A connection whose replies
-        were not all read is disconnected, so no reply is ever left for its next user.
-        """
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        written = False
-        try:
-            try:
-                for piece in pieces:
-                    await conn.send_packed_command(piece, not written)
-                    written = True
-            except BaseException:
-                if written:  # an open MULTI must not go back to the pool
-                    await conn.disconnect(nowait=True)
-                raise
-            try:
-                async with asyncio.timeout(conn.socket_timeout):
-                    replies = await _read_replies(conn, count)
-            except TimeoutError:
-                await conn.disconnect(nowait=True)
-                raise redis_exc.TimeoutError("Timeout reading a batch's replies") from None
-            except redis_exc.RedisError:
-                await conn.disconnect(nowait=True)
-                raise
-            except OSError as exc:
-                await conn.disconnect(nowait=True)
-                raise redis_exc.ConnectionError(f"Error while reading a batch's replies: "
-                                                f"{exc}") from exc
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
-        finally:
-            await pool.release(conn)
-        return replies
-
-    async def _publish_idempotent(self, entry: dict[bytes, bytes], key: str) -> str:
-        if not isinstance(key, str) or not key or len(key) > 256:
-            raise InvalidArgumentError("idempotency_key must be a non-empty string of at most "
-                                       "256 characters")
-        cap = self._current_cap_args()
-        args: list[Any] = [int(self.idempotency_window_s * 1000), len(cap), *cap,
-                           *entry_to_pairs(entry)]
-        try:
-            reply = await self._idempotent(
-                keys=[self.stream, idempotency_key_name(self.stream, key)], args=args)
-        except (redis_exc.RedisError, OSError) as exc:
-            raise self._fail(exc) from exc
-        if reply[0] == 1:
-            get_observer().on_published(self.stream, 1)
-        return to_str(reply[1])
-
-    async def publish_many(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Append many events atomically, in one round trip per 1,000; returns their ids in
-        order.
-
-        Each mapping holds a ``type`` and the event's fields. Everything is validated before
-        anything is written, so one bad event publishes nothing.
-        """
-        if isinstance(events, Mapping | str | bytes):
-            raise InvalidArgumentError("publish_many takes a list of event mappings")
-        events = events if isinstance(events, list | tuple) else list(events)
-        if not events:
-            return []
-        traceparent, tracestate = current_trace_headers()
-        if len(events) <= MAX_BATCH:
-            return await self._send_transaction(
-                self._streamed_batch(events, traceparent, tracestate), len(events))
-        encoded = [self._encode_item(index, event, traceparent, tracestate)
-                   for index, event in enumerate(events)]
-        ids: list[str] = []
-        for start in range(0, len(encoded), MAX_BATCH):
-            ids.extend(await self._send_text_batch(encoded[start:start + MAX_BATCH]))
-        return ids
+    @staticmethod
+    def _written_text(what: str, written: list[tuple[int, str]], count: int) -> str:
+        listing = ", ".join(f"#{index} -> {msg_id}" for index, msg_id in written)
+        return (f"{what}: {len(written)} of the {count} events were written ({listing}); "
+                "publish only the others again")
 
     def _encode_item(self, index: int, event: Mapping[str, Any], traceparent: str | None,
                      tracestate: str | None) -> tuple[int, str]:
@@ -478,8 +455,51 @@ class Publisher:
         if "type" not in event:
             raise InvalidArgumentError(f"event #{index} has no 'type'")
         try:
-            return encode_resp(event["type"], event, True, self.max_event_bytes, None, None,
-                               traceparent, tracestate, self.stream)
+            return encode_event_resp(event["type"], event, type_in_fields=True,
+                                     max_event_bytes=self.max_event_bytes,
+                                     traceparent=traceparent, tracestate=tracestate,
+                                     stream=self.stream)
         except AgentStreamsError as exc:
             exc.add_note(f"in event #{index} of the batch given to publish_many")
             raise
+
+    # ------------------------------------------------------------------ idempotent publish
+
+    async def _publish_idempotent(self, event_type: str | EventType, fields: Mapping[str, Any],
+                                  key: str, event_id: str | None, traceparent: str | None,
+                                  tracestate: str | None) -> str:
+        """``EVALSHA`` of the idempotent-XADD script with the encoded entry (``EVAL`` when
+        the server does not have the script yet)."""
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise InvalidArgumentError("idempotency_key must be a non-empty string of at most "
+                                       "256 characters")
+        nargs, body = encode_event_resp(event_type, fields, event_id=event_id,
+                                        max_event_bytes=self.max_event_bytes,
+                                        traceparent=traceparent, tracestate=tracestate,
+                                        stream=self.stream)
+        cap = self._current_cap_args()
+        # KEYS: stream, idempotency key. ARGV: window ms, n cap args, cap args..., fields...
+        tail = (f"$1\r\n2\r\n{self._key_resp}{_bulk(idempotency_key_name(self.stream, key))}"
+                f"{_bulk(str(int(self.idempotency_window_s * 1000)))}{_bulk(str(len(cap)))}"
+                + "".join(_bulk(str(a)) for a in cap) + body)
+        count = 7 + len(cap) + nargs
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            (reply,) = await exchange(
+                self._pool, f"*{count}\r\n$7\r\nEVALSHA\r\n$40\r\n{_IDEMPOTENT_SHA}\r\n{tail}"
+                .encode(), 1, timeout_s=self.timeout_s)
+            if isinstance(reply, redis_exc.NoScriptError):  # not loaded yet: nothing ran
+                (reply,) = await exchange(
+                    self._pool, f"*{count}\r\n$4\r\nEVAL\r\n{_bulk(scripts.IDEMPOTENT_XADD)}"
+                    f"{tail}".encode(), 1, timeout_s=max(0.001, deadline - loop.time()))
+        except MaybeWrittenError as exc:
+            raise self._maybe_landed(exc) from exc.cause
+        except (redis_exc.RedisError, OSError) as exc:
+            raise translate_error(exc, stream=self.stream) from exc
+        if isinstance(reply, Exception):
+            raise self._refused(reply)
+        created, msg_id = reply
+        if created == 1:
+            get_observer().on_published(self.stream, 1)
+        return to_str(msg_id)
