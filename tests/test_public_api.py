@@ -29,7 +29,8 @@ EXPORTED = {
     "ConnectionLostError", "DeadLetter", "DeadLetterQueue", "Event", "EventType",
     "GroupNotFoundError", "Handler", "InvalidArgumentError", "MalformedEventError", "Observer",
     "PayloadTooLargeError", "PublishTimeoutError", "Publisher", "Reject", "Retry",
-    "SerializationError", "StreamCap", "TrimResult", "Worker", "WorkerStats", "WrongTypeError",
+    "SerializationError", "StreamCap", "TrimResult", "Worker", "WorkerFailedError", "WorkerStats",
+    "WrongTypeError",
     "__version__", "get_observer", "set_observer",
 }
 

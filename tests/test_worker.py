@@ -15,9 +15,11 @@ from agentstreams import (
     AgentCoordinator,
     Event,
     InvalidArgumentError,
+    Observer,
     Reject,
     Retry,
     Worker,
+    WorkerFailedError,
 )
 from agentstreams._dlq import DeadLetterQueue
 from agentstreams._publisher import Publisher
@@ -640,3 +642,59 @@ async def test_probe_warnings_are_logged_once_per_process_and_server(
 
 async def _noop(event: Event) -> None:
     return None
+
+
+class _FlakyObserver(Observer):
+    """An observer whose ``on_handler_done`` raises: an unexpected error inside a runner."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures_left = failures
+
+    def on_handler_done(self, stream: str, group: str, event_type: str, duration_s: float,
+                        ok: bool) -> None:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise RuntimeError("observer bug")
+
+
+async def test_a_runner_that_fails_unexpectedly_is_restarted(
+        redis_url: str, raw: aioredis.Redis, stream_name: str, publisher: Publisher,
+        workers: list[Worker]) -> None:
+    """A bug that escapes a runner is logged and the runner restarted: the worker keeps
+    handling events, and the event that runner held is redelivered, not lost."""
+    worker = make_worker(workers, redis_url, stream_name, concurrency=1,
+                         observer=_FlakyObserver(failures=1))
+    seen: list[int] = []
+
+    @worker.handler()
+    async def handle(event: Event) -> None:
+        seen.append(event["n"])
+
+    await worker.start()
+    for n in range(5):
+        await publisher.publish("task", {"n": n})
+    await wait_for(lambda: _pending_is(raw, stream_name, 0), message="every event acked")
+    assert sorted(set(seen)) == [0, 1, 2, 3, 4]
+    assert seen.count(0) == 2  # the runner died after event 0's handler: redelivered once
+    assert worker.stats.task_restarts == 1
+    assert worker.running
+    assert worker.failure is None
+
+
+async def test_a_task_that_keeps_failing_stops_the_worker_loudly(
+        redis_url: str, stream_name: str, publisher: Publisher, workers: list[Worker]) -> None:
+    worker = make_worker(workers, redis_url, stream_name, concurrency=1,
+                         observer=_FlakyObserver(failures=10**6))
+
+    @worker.handler()
+    async def handle(event: Event) -> None:
+        pass
+
+    run = asyncio.create_task(worker.run(install_signal_handlers=False))
+    for n in range(20):
+        await publisher.publish("task", {"n": n})
+    with pytest.raises(WorkerFailedError, match="runner-0") as caught:
+        await asyncio.wait_for(run, 20)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert worker.stats.task_restarts >= 5
+    assert not worker.running

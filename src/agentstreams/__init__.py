@@ -24,6 +24,7 @@ from agentstreams.errors import (
     Retry,
     SerializationError,
     TLSError,
+    WorkerFailedError,
     WrongTypeError,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "TLSError",
     "TrimResult",
     "Worker",
+    "WorkerFailedError",
     "WorkerStats",
     "WrongTypeError",
     "__version__",

@@ -74,6 +74,7 @@ from agentstreams.errors import (
     InvalidArgumentError,
     Reject,
     Retry,
+    WorkerFailedError,
 )
 from agentstreams.tracing import NO_SPAN, handler_span
 
@@ -118,10 +119,6 @@ async def _settle(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> None:
     for task in pending:
         logger.warning("background task %s did not stop in time", task.get_name(),
                        extra={"task": task.get_name()})
-
-
-class WorkerFailedError(AgentStreamsError):
-    """A background task of the worker kept failing; the worker stopped (see the cause)."""
 
 
 #: (server, warning) pairs already logged by this process: see Worker._probe_server.

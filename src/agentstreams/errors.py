@@ -15,6 +15,7 @@
   * WrongTypeError — a key holds something other than a stream.
   * MalformedEventError — a stream entry cannot be decoded; carries the raw fields.
   * ClosedError — the object was closed and cannot be used again.
+  * WorkerFailedError — a worker's background task kept failing; the worker stopped.
 
 Errors that correspond to a server reply also derive from the matching redis-py exception
 (``redis.exceptions.ConnectionError`` / ``ResponseError``), so code written against the
@@ -47,6 +48,7 @@ __all__ = [
     "Retry",
     "SerializationError",
     "TLSError",
+    "WorkerFailedError",
     "WrongTypeError",
 ]
 
@@ -136,6 +138,11 @@ class WrongTypeError(AgentStreamsError, _redis_exc.ResponseError):
 
 class ClosedError(AgentStreamsError, RuntimeError):
     """The object was closed; create a new one."""
+
+
+class WorkerFailedError(AgentStreamsError):
+    """A background task of a worker kept failing unexpectedly, so the worker stopped instead
+    of idling; ``__cause__`` is the last failure (its traceback was logged each time)."""
 
 
 class MalformedEventError(AgentStreamsError):
