@@ -264,6 +264,12 @@ def _owner_candidates(key: str) -> list[str]:
     return [c for c in candidates if c and dlq_key(c) == key]
 
 
+def _preferred_to(stream: str) -> list[str]:
+    """Streams that would own ``stream``'s dead-letter stream instead of it, if they exist."""
+    candidates = _owner_candidates(dlq_key(stream))
+    return candidates[:candidates.index(stream)] if stream in candidates else candidates
+
+
 def dead_letter_owner(key: str, streams: Container[str]) -> str | None:
     """The stream whose dead-letter stream ``key`` is, or None when ``key`` is not one.
 
@@ -373,7 +379,7 @@ async def find_streams(client: Redis, *, match: str | None = None,
     streams: list[str] = []
     dead: list[str] = []
     for key in sorted(keys):
-        # Only a key no stream of the scan could own is a stream; the rest are dead letters.
+        # A key shaped like a dead-letter stream (`{x}:dlq`) is one, whoever owns it.
         (dead if dead_letter_owner(key, keys) is not None else streams).append(key)
     return StreamKeys(streams=tuple(streams[:max_streams]), dead_letter_keys=tuple(dead),
                       all_streams=frozenset(streams))
@@ -412,10 +418,10 @@ async def inspect_streams(client: Redis, names: Sequence[str], *, detail: bool =
     dead-letter stream).
     """
     names = list(dict.fromkeys(names))
-    # Only `{x}`-shaped names and dead letters found by SCAN need to know which streams exist:
-    # `{x}:dlq` is x's when x exists.
-    in_doubt = [c for name in names for c in _owner_candidates(dlq_key(name))
-                if c != name] + [c for key in dead_letter_keys for c in _owner_candidates(key)]
+    # Whether a name owns its dead-letter stream depends only on the candidates preferred to
+    # it (a `{x}` loses `{x}:dlq` to an existing x); an orphan, on all of its candidates.
+    in_doubt = [c for name in names for c in _preferred_to(name)]
+    in_doubt += [c for key in dead_letter_keys for c in _owner_candidates(key)]
     streams_set = await _streams_among(client, in_doubt, known_streams, complete)
     streams_set |= {name for name in names if name not in in_doubt}
     owned = [name for name in names if dead_letter_owner(dlq_key(name), streams_set) == name]
