@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from agentstreams import Publisher
 from agentstreams._codec import decode_entry
 from agentstreams._dlq import dead_letter
-from agentstreams._publisher import Publisher
 from agentstreams._streams import dlq_key, to_str
 from agentstreams.server import LocalServer, find_free_port
 
