@@ -27,7 +27,7 @@ from conftest import kill_clients_named, stream_entries, wait_for, with_query
 async def conn(redis_url: str) -> AsyncIterator[Any]:
     """A connected redis-py connection checked out of a plain pool (dropped afterwards)."""
     pool = aioredis.ConnectionPool.from_url(redis_url)
-    connection = await pool.get_connection()
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     yield connection
     await connection.disconnect()
     await pool.disconnect()
@@ -84,7 +84,7 @@ async def test_can_read_is_true_once_the_server_closed_an_idle_connection(
     what replaces a connection that died while idle."""
     name = f"internals-{uuid.uuid4().hex[:8]}"
     pool = aioredis.ConnectionPool.from_url(with_query(redis_url, f"client_name={name}"))
-    connection: Any = await pool.get_connection()  # no command name: redis-py >= 5.3
+    connection: Any = await pool.get_connection()  # type: ignore[no-untyped-call]  # >= 5.3
     try:
         can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
         assert await can_read() is False
