@@ -74,6 +74,7 @@ from agentstreams.errors import (
     InvalidArgumentError,
     Reject,
     Retry,
+    TLSError,
     WorkerFailedError,
 )
 from agentstreams.tracing import NO_SPAN, handler_span
@@ -107,6 +108,9 @@ STOP_GRACE_S = 1.0
 #: recover by restarting: the worker stops and run() raises instead of idling.
 TASK_FAILURE_LIMIT = 5
 TASK_FAILURE_WINDOW_S = 60.0
+#: New connections reset at their first command this many times in a row at start-up: the
+#: server speaks TLS and the URL says redis:// (a restarting server refuses, it does not reset).
+HANDSHAKE_RESETS_MEAN_TLS = 3
 #: Slack for the retry's XCLAIM min-idle check (server and client clocks tick apart).
 RETRY_CLAIM_SLACK_MS = 50
 
@@ -415,6 +419,7 @@ class Worker:
                               observer=self._obs)
         backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
         episode = _Episode("creating the consumer group", self._log_extra())
+        resets = 0
         while True:
             try:
                 await call(lambda: ensure_group(client, self.stream, self.group,
@@ -425,6 +430,14 @@ class Worker:
             except (ConnectionLostError, BackpressureError) as exc:
                 if self._stopping.is_set():
                     raise
+                # A TLS port addressed as plain text accepts the connection and resets it at
+                # the first bytes, every time; a restarting server refuses connections.
+                resets = resets + 1 if "reset by peer" in str(exc) else 0
+                if resets >= HANDSHAKE_RESETS_MEAN_TLS:
+                    raise TLSError(
+                        f"the server reset {resets} new connections in a row at their first "
+                        "command: is this a TLS port addressed with redis://? Use rediss:// "
+                        f"({exc})", stream=self.stream, group=self.group) from exc
                 delay = backoff.next_delay()
                 episode.failed(exc, delay)
                 await asyncio.sleep(delay)

@@ -1,0 +1,126 @@
+"""TLS against a real ``redis-server`` with a TLS port (Debian's build has TLS; the embedded
+Valkey does not): a worker works over ``rediss://`` with the right CA, and fails fast with a
+``TLSError`` that says why when the CA is wrong or the URL's scheme does not match the port."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from agentstreams import Event, TLSError, Worker
+from agentstreams.server import LocalServer, find_free_port
+from conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+#: A misconfigured TLS connection must fail well inside this (the connect timeout is 5 s).
+FAIL_FAST_S = 5.0
+
+
+@dataclass(frozen=True)
+class TlsServer:
+    server: LocalServer
+    tls_port: int
+    ca: Path
+    other_ca: Path
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}"
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def _make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+             "-days", "2", "-subj", f"/CN={name}")
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        pytest.skip("needs openssl and redis-server")
+    directory = tmp_path_factory.mktemp("tls")
+    ca_key, ca = _make_ca(directory, "test-ca")
+    _other_key, other_ca = _make_ca(directory, "other-ca")
+    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj",
+             "/CN=localhost")
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext)
+    tls_port = find_free_port()
+    server = LocalServer("redis", extra_config={
+        "tls-port": str(tls_port), "tls-cert-file": str(cert), "tls-key-file": str(key),
+        "tls-ca-cert-file": str(ca), "tls-auth-clients": "no"})
+    try:
+        server.start()
+    except Exception as exc:  # a redis-server built without TLS
+        pytest.skip(f"redis-server cannot serve TLS here: {exc}")
+    yield TlsServer(server, tls_port, ca, other_ca)
+    server.stop()
+
+
+def _worker(url: str, seen: list[str] | None = None) -> Worker:
+    worker = Worker(url, f"tls-{uuid.uuid4().hex[:8]}", "g", probe_server=False, block_ms=200)
+
+    @worker.handler()
+    async def handle(event: Event) -> None:
+        if seen is not None:
+            seen.append(event.msg_id)
+
+    return worker
+
+
+async def _start_fails_fast(worker: Worker, match: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(TLSError, match=match):
+        await asyncio.wait_for(worker.start(), FAIL_FAST_S * 2)
+    assert time.monotonic() - started < FAIL_FAST_S
+    assert not worker.running
+
+
+async def test_worker_over_tls_with_the_right_ca(tls_server: TlsServer) -> None:
+    url = f"{tls_server.tls_url}?ssl_ca_certs={tls_server.ca}"
+    seen: list[str] = []
+    worker = _worker(url, seen)
+    async with worker:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.xadd(worker.stream, {"type": "task", "n": "1"})
+            await wait_for(lambda: _has(seen, 1), message="an event handled over TLS")
+        finally:
+            await client.delete(worker.stream)
+            await client.aclose()
+
+
+async def _has(seen: list[str], count: int) -> bool:
+    return len(seen) >= count
+
+
+async def test_worker_with_a_wrong_ca_fails_fast(tls_server: TlsServer) -> None:
+    await _start_fails_fast(_worker(f"{tls_server.tls_url}?ssl_ca_certs={tls_server.other_ca}"),
+                            "certificate verify failed")
+
+
+async def test_worker_without_a_ca_fails_fast(tls_server: TlsServer) -> None:
+    await _start_fails_fast(_worker(tls_server.tls_url), "certificate verify failed")
+
+
+async def test_worker_with_redis_url_on_a_tls_port_fails_fast(tls_server: TlsServer) -> None:
+    await _start_fails_fast(_worker(f"redis://127.0.0.1:{tls_server.tls_port}"),
+                            "TLS port addressed with redis://")
