@@ -118,10 +118,13 @@ def test_bad_arguments_and_failed_start(tmp_path: Path) -> None:
     server.stop()
 
 
-def test_find_free_port() -> None:
+def test_find_free_port_returns_a_port_nobody_listens_on() -> None:
     port = find_free_port()
+    assert 1024 <= port <= 65535
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
+        sock.bind(("127.0.0.1", port))  # raises OSError (address in use) if it were taken
+        sock.listen()
+        assert find_free_port() != port  # a port someone listens on is never returned
 
 
 # --------------------------------------------------------------------------- redact_url
