@@ -412,7 +412,7 @@ async def test_malformed_tasks_are_dead_lettered_and_the_worker_goes_on(
     coordinator = AgentCoordinator(valkey_url, keys.inbox("triage"))
     await coordinator.publish("agent_task", {"wire": 99, "run_id": "x"})
     good = TaskEnvelope(run_id="y", session_id="s", hop=0, agent="triage", from_agent=None,
-                        reply_to="nowhere", input="hi").to_fields()
+                        reply_to=keys.replies("nowhere"), input="hi").to_fields()
     await coordinator.publish("agent_task", {**good, "hop": "zero"})
     await coordinator.close()
     client = await deploy_valkey.client()
@@ -425,6 +425,38 @@ async def test_malformed_tasks_are_dead_lettered_and_the_worker_goes_on(
     assert [d.reason for d in dead] == ["rejected", "rejected"]
     assert "unsupported wire version 99" in dead[0].error
     assert "field 'hop' has the wrong type str" in dead[1].error
+
+
+async def test_a_task_naming_a_foreign_reply_stream_is_rejected_untouched(
+        deploy_valkey: Deployment, valkey_url: str) -> None:
+    """``reply_to`` is data: a forged task must not make a worker write to (or set a TTL on)
+    a key outside the namespace's reply streams."""
+    agents = remote_agents()
+    await deploy_valkey.worker(list(agents.values()))
+    keys = Keys(deploy_valkey.namespace)
+    raw = aioredis.Redis.from_url(valkey_url)
+    victim = f"{deploy_valkey.namespace}:victim"
+    await raw.xadd(victim, {"keep": "me"})
+    forged = TaskEnvelope(run_id="forged", session_id="s", hop=0, agent="triage",
+                          from_agent=None, reply_to=victim, input="hi").to_fields()
+    coordinator = AgentCoordinator(valkey_url, keys.inbox("triage"))
+    await coordinator.publish("agent_task", forged)
+    await coordinator.close()
+    queue = DeadLetterQueue(raw, keys.inbox("triage"))
+    try:
+        await wait_for(lambda: _has_dead_letters(queue, 1), message="the forged task rejected")
+        [dead] = await queue.list()
+        assert dead.reason == "rejected"
+        assert "is not a reply stream of namespace" in dead.error
+        assert await raw.xlen(victim) == 1
+        assert await raw.ttl(victim) == -1
+    finally:
+        await raw.delete(victim)
+        await raw.aclose()
+
+
+async def _has_dead_letters(queue: DeadLetterQueue, count: int) -> bool:
+    return await queue.length() >= count
 
 
 # ------------------------------------------------------------------------- pieces

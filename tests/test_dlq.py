@@ -219,3 +219,20 @@ def test_dead_letter_from_entry_and_format_error() -> None:
     assert format_error(ValueError("boom")) == "ValueError: boom"
     assert format_error(None) == ""
     assert len(format_error(RuntimeError("x" * 5000))) <= 2003
+
+
+async def test_replay_writes_only_to_the_queues_own_stream(
+        client: aioredis.Redis, raw: aioredis.Redis, stream_name: str) -> None:
+    """``original_stream`` is data anyone with write access to the dead-letter stream can
+    forge: a replay never follows it to another key."""
+    victim = f"{stream_name}-victim"
+    await raw.xadd(victim, {b"keep": b"me"})
+    forged = {b"original_id": b"1-0", b"original_stream": victim.encode(), b"group": b"g",
+              b"consumer": b"c", b"reason": b"rejected", b"error": b"", b"deliveries": b"1",
+              b"dead_at_ms": b"0", b"type": b"t", b"payload": b"x"}
+    dlq_id = await xadd_raw(raw, dlq_key(stream_name), forged)
+    [(replayed_id, new_id)] = await DeadLetterQueue(client, stream_name).replay([dlq_id])
+    assert replayed_id == dlq_id
+    assert [msg_id for msg_id, _ in await stream_entries(raw, stream_name)] == [new_id]
+    assert await raw.xlen(victim) == 1
+    await raw.delete(victim)

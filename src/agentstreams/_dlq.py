@@ -10,6 +10,7 @@ kept as ``_orig_<name>`` and restored on replay.
 from __future__ import annotations
 
 import builtins
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from agentstreams._streams import dlq_key, entries_from_read_reply, to_str
 from agentstreams.errors import InvalidArgumentError
 
 __all__ = ["DeadLetter", "DeadLetterQueue", "dead_letter", "format_error"]
+
+logger = logging.getLogger("agentstreams.dlq")
 
 _META_FIELDS = (
     DLQ_FIELD_ORIGINAL_ID, DLQ_FIELD_ORIGINAL_STREAM, DLQ_FIELD_GROUP, DLQ_FIELD_CONSUMER,
@@ -229,7 +232,7 @@ class DeadLetterQueue:
         self, ids: Iterable[str] | None = None, *,
         where: Callable[[DeadLetter], bool] | None = None,
     ) -> builtins.list[tuple[str, str]]:
-        """Put dead letters back on their stream (new stream id, same event id).
+        """Put dead letters back on this queue's stream (new stream id, same event id).
 
         ``ids`` selects dead letters by id; ``None`` means all of them (filtered by ``where``).
         Returns (dead-letter id, new stream id) pairs. Each replay is atomic.
@@ -242,7 +245,14 @@ class DeadLetterQueue:
             letters = await self._all(where)
         out: builtins.list[tuple[str, str]] = []
         for letter in letters:
-            target = letter.original_stream or self.stream
+            # Always back to this queue's own stream: ``original_stream`` is a field anyone
+            # who can write the dead-letter stream controls, so it never picks the target.
+            if letter.original_stream and letter.original_stream != self.stream:
+                logger.warning("dead letter %s names %r as its stream; replaying it to %r, "
+                               "whose dead-letter stream holds it", letter.dlq_id,
+                               letter.original_stream, self.stream,
+                               extra={"stream": self.stream, "dlq_id": letter.dlq_id})
+            target = self.stream
             args: list[Any] = [letter.dlq_id]
             for key, value in letter.fields.items():
                 args += [key, value]

@@ -93,6 +93,12 @@ class Keys:
         """The reply stream of one client."""
         return f"{self.namespace}:replies:{client_id}"
 
+    def is_reply_stream(self, key: str) -> bool:
+        """True for a reply stream of this namespace: the only keys a task may name as
+        ``reply_to`` (a forged task must not make a worker write to, or expire, another key)."""
+        prefix = self.replies("")
+        return key.startswith(prefix) and len(key) > len(prefix) and "{" not in key
+
     def run(self, run_id: str) -> str:
         """The status hash of one run."""
         return f"{self.namespace}:run:{run_id}"

@@ -266,6 +266,10 @@ class AgentWorker:
         if agent is None or event.stream != self.keys.inbox(task.agent):
             raise Reject(f"task for agent {task.agent!r} arrived in {event.stream!r}, which is "
                          f"not its inbox on this worker")
+        if not self.keys.is_reply_stream(task.reply_to):
+            raise Reject(f"task names {task.reply_to!r} as its reply stream, which is not a "
+                         f"reply stream of namespace {self.keys.namespace!r}; nothing is "
+                         "written there")
         _, status, _ = self._connected()
         hooks = self._hooks(task)
         if task.deadline is not None and time.time() > task.deadline:
