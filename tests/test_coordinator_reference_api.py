@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import uuid
 from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams import AgentCoordinator, EventType
+from agentstreams import AgentCoordinator, EventType, PermissionDeniedError, WrongTypeError
 from agentstreams._coordinator import AgentCoordinator as CoordinatorFromModule
 from conftest import assert_same, pending_rows, stream_entries, stream_ids
 
@@ -318,6 +319,28 @@ async def test_get_stream_info_shape(
     assert group["pending"] == 0
     assert group["consumers"] == 1
     assert group["last-delivered-id"] == first
+
+
+async def test_get_stream_info_raises_instead_of_pretending_the_stream_is_empty(
+        make_coordinator: MakeCoordinator, raw: aioredis.Redis, stream_name: str,
+        redis_url: str) -> None:
+    """Only a missing stream reads as empty (the reference's answer); a key of another type
+    and a read the ACL denies are errors, not an empty stream."""
+    await raw.set(stream_name, "not a stream")
+    with pytest.raises(WrongTypeError):
+        await make_coordinator().get_stream_info()
+    await raw.delete(stream_name)
+    user, password = f"as-info-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await raw.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", user, "on", f">{password}", f"~{stream_name}*", "-@all", "+ping",
+        "+hello")
+    try:
+        parts = redis_url.split("://", 1)
+        denied = make_coordinator(redis_url=f"{parts[0]}://{user}:{password}@{parts[1]}")
+        with pytest.raises(PermissionDeniedError, match="XINFO"):
+            await denied.get_stream_info()
+    finally:
+        await raw.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
 
 
 async def test_trim_stream_without_groups_trims_to_length(

@@ -17,7 +17,16 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
+import redis.exceptions as redis_exc
+
+from agentstreams._connection import (
+    Backoff,
+    ConnectionSettings,
+    Redis,
+    call,
+    create_client,
+    translate_error,
+)
 from agentstreams._constants import (
     DEFAULT_BLOCK_MS,
     DEFAULT_CLAIM_MIN_IDLE_MS,
@@ -483,16 +492,16 @@ class AgentCoordinator:
         """Stream statistics: length, first and last entry, groups (and dead-letter count)."""
         client = await self._get_client()
         try:
-            info = await call(lambda: client.xinfo_stream(self._stream_name),
-                              stream=self._stream_name)
-            groups = await call(lambda: client.xinfo_groups(self._stream_name),
-                                stream=self._stream_name)
-            dead = await DeadLetterQueue(client, self._stream_name).length()
-        except ConnectionLostError:
-            raise
-        except Exception as exc:  # the stream does not exist (yet): the reference's answer
-            logger.debug("get_stream_info: %s", exc, extra={"stream": self._stream_name})
-            return {"length": 0, "groups": []}
+            info = await client.xinfo_stream(self._stream_name)
+        except redis_exc.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return {"length": 0, "groups": []}  # no stream (yet): the reference's answer
+            raise translate_error(exc, stream=self._stream_name) from exc
+        except (redis_exc.RedisError, OSError) as exc:
+            raise translate_error(exc, stream=self._stream_name) from exc
+        groups = await call(lambda: client.xinfo_groups(self._stream_name),
+                            stream=self._stream_name)
+        dead = await DeadLetterQueue(client, self._stream_name).length()
         return {
             "length": int(info.get("length", 0)),
             "first_entry": _decode_reply(info.get("first-entry")),
