@@ -91,7 +91,10 @@ async def test_can_read_is_true_once_the_server_closed_an_idle_connection(
         assert await kill_clients_named(raw, name) == 1
 
         async def closed() -> bool:
-            return bool(await can_read())
+            try:
+                return bool(await can_read())
+            except redis.ConnectionError:  # can_read_destructive() before redis-py 8
+                return True
 
         await wait_for(closed, timeout_s=5, message="can_read() to report the closed socket")
     finally:

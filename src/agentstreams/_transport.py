@@ -59,8 +59,8 @@ INTERNALS: Final = (
     "redis._parsers.hiredis._AsyncHiredisParser._connected: False once disconnected",
     "redis._parsers.hiredis._AsyncHiredisParser._hiredis_PushNotificationType (optional)",
     "redis.asyncio.connection.AbstractConnection._parser / ._writer (asyncio.StreamWriter)",
-    "AbstractConnection.can_read() (or can_read_destructive() before redis-py 8): "
-    "True when an idle connection holds data or reached EOF",
+    "AbstractConnection.can_read() (can_read_destructive() before redis-py 8): True (or "
+    "ConnectionError) when an idle connection holds data or reached EOF",
 )
 
 #: Reply written for a closed connection (the words redis-py uses).
@@ -75,7 +75,7 @@ def _probe() -> tuple[object | None, str | None]:
         from redis.asyncio.connection import AbstractConnection
     except ImportError as exc:
         return None, f"hiredis or redis._parsers.hiredis is missing ({exc})"
-    for name in ("read_from_socket", "can_read", "on_connect", "on_disconnect"):
+    for name in ("read_from_socket", "on_connect", "on_disconnect"):
         if not callable(getattr(_AsyncHiredisParser, name, None)):
             return None, f"redis-py's _AsyncHiredisParser has no {name}()"
     if not (hasattr(AbstractConnection, "can_read")
@@ -106,7 +106,9 @@ class MaybeWrittenError(Exception):
 
 
 async def _can_read(conn: Any) -> bool:
-    """redis-py's "data or EOF on the socket" check (renamed in redis-py 8)."""
+    """redis-py's "data or EOF on the socket" check. Before redis-py 8 it was
+    ``can_read_destructive()``: it consumes what it finds and raises on EOF, which is fine
+    for an idle connection (data or EOF both mean it is replaced)."""
     check = getattr(conn, "can_read", None) or conn.can_read_destructive
     return bool(await check())
 
