@@ -174,6 +174,9 @@ class StreamStats:
     #: ``EntrySummary.label`` of the last entry.
     last_entry_type: str | None = None
     last_generated_id: str | None = None
+    #: Entries ever added (Redis 7+; a rate is its change over time). Not in ``as_dict``, which
+    #: is the stable ``info --json`` shape.
+    entries_added: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields (``agentstreams info --json``)."""
@@ -510,6 +513,7 @@ def _stream_head(name: str, head: Any, detail: bool, dead: int, now_ms: int) -> 
         last_entry_id=last_id, last_entry_age_ms=_age_ms(last_id, now_ms),
         last_entry_type=describe_entry(last_id, last[1], name).label if last_id else None,
         last_generated_id=to_str(first_field(head, "last-generated-id")) or None,
+        entries_added=_int_or_none(first_field(head, "entries-added")),
     )
 
 
