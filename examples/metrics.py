@@ -25,14 +25,16 @@ async def main(url: str) -> None:
         if event["n"] == 3:
             raise RuntimeError("tool timed out")
 
-    # Port 0: any free port. In production: a fixed port, or Worker(..., metrics_port=9100).
-    metrics = attach_worker_metrics(worker, 0, redis_url=url)
-    async with AgentCoordinator(url, stream) as producer, worker:
-        await producer.publish_many([{"type": "task", "n": n} for n in range(5)])
-        await wait_until(lambda: worker.stats.acked == 4 and worker.stats.dead_lettered == 1)
-        endpoint = f"http://127.0.0.1:{metrics.port}/metrics"
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(endpoint).read().decode())
-    metrics.close()
+    # Port 0: any free port. In production a fixed one:
+    #     with attach_worker_metrics(worker, 9100, redis_url=url):
+    #         await worker.run()
+    with attach_worker_metrics(worker, 0, redis_url=url) as metrics:
+        async with AgentCoordinator(url, stream) as producer, worker:
+            await producer.publish_many([{"type": "task", "n": n} for n in range(5)])
+            await wait_until(lambda: worker.stats.acked == 4 and worker.stats.dead_lettered == 1)
+            endpoint = f"http://127.0.0.1:{metrics.port}/metrics"
+            body = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(endpoint).read().decode())
     print(f"scraped {endpoint}:")
     for line in body.splitlines():
         if line.startswith("agentstreams_") and stream in line and "_created" not in line \
