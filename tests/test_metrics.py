@@ -560,3 +560,41 @@ def test_metrics_exports_exactly_its_documented_names() -> None:
     public = {name for name, obj in vars(agentstreams.metrics).items()
               if not name.startswith("_") and not isinstance(obj, types.ModuleType)}
     assert public == documented, f"public but not in __all__: {sorted(public - documented)}"
+
+
+class _RunnerBugObserver(PrometheusObserver):
+    """Counts like the real observer, but raises once inside a runner (a bug in a hook)."""
+
+    raised = False
+
+    def on_handler_done(self, stream: str, group: str, event_type: str, duration_s: float,
+                        ok: bool) -> None:
+        super().on_handler_done(stream, group, event_type, duration_s, ok)
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("bug in a hook")
+
+
+async def test_restarted_worker_tasks_are_counted(
+        registry: CollectorRegistry, redis_url: str, raw: aioredis.Redis, stream_name: str,
+        workers: list[Worker]) -> None:
+    worker = Worker(redis_url, stream_name, "g", observer=_RunnerBugObserver(registry),
+                    concurrency=1, visibility_timeout_ms=500, **WORKER_OPTIONS)
+    workers.append(worker)
+
+    @worker.handler()
+    async def handle(event: Event) -> None:
+        pass
+
+    await worker.start()
+    await Publisher(raw, stream_name).publish("task", {})
+    samples: Samples = {}
+
+    async def counted() -> bool:
+        nonlocal samples
+        samples = parse(generate_latest(registry).decode())
+        return value(samples, "agentstreams_worker_task_restarts_total", stream=stream_name,
+                     group="g", task="runner-0") == 1
+
+    await wait_for(counted, message="the restarted runner counted")
+    assert worker.stats.task_restarts == 1

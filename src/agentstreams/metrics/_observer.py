@@ -77,6 +77,9 @@ class PrometheusObserver(Observer):
                                 "visibility timeout.", *sg)
         self._reconnects = counter("reconnects", "Times a consumer lost its connection and "
                                                  "reconnected.", *sg)
+        self._task_restarts = counter("worker_task_restarts",
+                                      "Worker background tasks restarted after an unexpected "
+                                      "exception (logged with its traceback).", *sg, "task")
         self._handler_duration = _Children(Histogram(
             "handler_duration_seconds", "Time a handler ran, by outcome (ok or error).",
             (*sg, "event_type", "outcome"), namespace=namespace, registry=self.registry,
@@ -111,6 +114,9 @@ class PrometheusObserver(Observer):
 
     def on_reconnect(self, stream: str, group: str) -> None:
         self._reconnects.get(stream, group).inc()
+
+    def on_task_restarted(self, stream: str, group: str, task: str) -> None:
+        self._task_restarts.get(stream, group, task).inc()
 
     def on_handler_done(self, stream: str, group: str, event_type: str, duration_s: float,
                         ok: bool) -> None:
