@@ -31,7 +31,7 @@ EXPORTED = {
     "PayloadTooLargeError", "PublishTimeoutError", "Publisher", "Reject", "Retry",
     "SerializationError", "StreamCap", "TrimResult", "Worker", "WorkerFailedError", "WorkerStats",
     "WrongTypeError",
-    "__version__", "get_observer", "set_observer",
+    "__version__", "get_observer", "set_observer", "trim",
 }
 
 

@@ -5,7 +5,7 @@ from agentstreams._dlq import DeadLetter, DeadLetterQueue
 from agentstreams._events import Event, EventType
 from agentstreams._observe import Observer, get_observer, set_observer
 from agentstreams._publisher import Publisher, StreamCap
-from agentstreams._retention import TrimResult
+from agentstreams._retention import TrimResult, trim
 from agentstreams._worker import Handler, Worker, WorkerStats
 from agentstreams.errors import (
     AgentStreamsError,
@@ -64,4 +64,5 @@ __all__ = [
     "__version__",
     "get_observer",
     "set_observer",
+    "trim",
 ]
