@@ -9,6 +9,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the agentstreams CLI needs its extra: pip install 'agentstreams[cli]'") \
         from exc
 
+from agentstreams.cli.acl import acl_command
 from agentstreams.cli.bench import bench
 from agentstreams.cli.deadletters import (
     list_command,
@@ -43,6 +44,7 @@ app.command("claim")(claim)
 app.command("trim")(trim_command)
 app.command("tail")(tail_command)
 app.command("metrics")(metrics)
+app.command("acl")(acl_command)
 app.command("bench")(bench)
 app.command("demo")(demo)
 
