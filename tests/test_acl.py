@@ -21,10 +21,11 @@ import redis.exceptions as redis_exc
 from agentstreams import AgentCoordinator, Event, PermissionDeniedError, Reject, Worker
 from agentstreams._acl import ROLES, acl_rules, key_patterns
 from agentstreams._connection import translate_error
-from agentstreams._streams import dlq_key, side_key
+from agentstreams._streams import dlq_key, side_key, to_str
 from agentstreams.errors import InvalidArgumentError
 from agentstreams.server import LocalServer
 from conftest import wait_for
+from test_cli import cli
 
 PASSWORD = "acl-test-pw-91c4"
 #: Denials the library tolerates by design: redis-py's CLIENT SETINFO at connect (not granted:
@@ -50,9 +51,10 @@ def test_rules_are_narrow_and_well_formed() -> None:
             if "~" in key:
                 pattern = key.split("~", 1)[1]
                 assert pattern.startswith(("s1", "{s1}:", "s2", "{s2}:", "ns:", "{ns:")), token
-        for denied in ("+flushall", "+flushdb", "+config", "+keys", "+acl", "+del", "+xtrim"):
-            if role not in ("operator", "agent-client") or denied != "+xtrim":
-                assert denied not in tokens, (role, denied)
+        allowed = {"operator": {"+xtrim"}, "agent-client": {"+del"}}.get(role, set())
+        for denied in {"+flushall", "+flushdb", "+config", "+keys", "+acl", "+del", "+xtrim",
+                       "+unlink", "+xgroup|destroy", "+xgroup|setid"} - allowed:
+            assert denied not in {t.strip("()") for t in tokens}, (role, denied)
     assert "+xreadgroup" not in acl_rules("observer", ["s"]).split()
     assert "+xreadgroup" not in acl_rules("operator", ["s"]).split()
     assert "+xreadgroup" not in acl_rules("producer", ["s"]).split()
@@ -103,6 +105,8 @@ class AclServer:
         for entry in entries:
             data = _pairs(entry)
             what = f"{data.get('reason')}:{data.get('object')}"
+            if data.get("reason") == "key":  # which command: the client info ends with cmd=
+                what += " (" + data.get("client-info", "").rsplit("cmd=", 1)[-1].split()[0] + ")"
             if data.get("username") == user and what not in TOLERATED:
                 found.append(what)
         return found
@@ -197,6 +201,7 @@ async def test_producer_publishes_and_nothing_else(acl: AclServer) -> None:
 # ------------------------------------------------------------------------------ worker
 
 
+@pytest.mark.slow
 async def test_worker_consumes_retries_dead_letters_renews_and_reclaims(acl: AclServer) -> None:
     stream, other = _stream(), _stream()
     user, url = await acl.user(acl_rules("worker", [stream]))
@@ -272,3 +277,131 @@ async def test_worker_publishes_only_to_its_publish_to_streams(acl: AclServer) -
         ("XREADGROUP", "GROUP", "g", "c", "STREAMS", handoffs, ">"), ("XRANGE", handoffs, "-", "+"),
         ("XTRIM", handoffs, "MAXLEN", "0"))
     await acl.admin.delete(handoffs, side_key(handoffs, "idem:h1"))
+
+
+# ------------------------------------------------------------------------------ observer, operator
+
+
+async def _seed_for_operators(admin: aioredis.Redis, stream: str) -> list[str]:
+    """Entries, a group with a dead consumer's pending entries, two dead letters; their ids."""
+    await admin.xgroup_create(stream, "g", id="0", mkstream=True)
+    ids = [to_str(await admin.xadd(stream, {"type": "task", "n": str(i)})) for i in range(5)]
+    await admin.xreadgroup("g", "ghost", {stream: ">"}, count=3)
+    from agentstreams._dlq import dead_letter
+    for msg_id in ids[:2]:
+        await dead_letter(admin, stream=stream, group="g", consumer="ghost", msg_id=msg_id,
+                          fields={b"type": b"task"}, reason="rejected", error="bad", deliveries=1)
+    return ids
+
+
+async def _scrape(url: str, stream: str) -> dict[str, float]:
+    from agentstreams.metrics import StreamStatsCollector
+
+    collector = StreamStatsCollector(url, [stream])
+    samples = await asyncio.to_thread(lambda: [s for m in collector.collect() for s in m.samples])
+    return {s.name: s.value for s in samples}
+
+
+async def test_observer_reads_everything_and_changes_nothing(acl: AclServer) -> None:
+    stream, other = _stream(), _stream()
+    ids = await _seed_for_operators(acl.admin, stream)
+    await acl.admin.xadd(other, {"type": "x"})
+    user, url = await acl.user(acl_rules("observer", [stream]))
+    dlq_ids = [to_str(e[0]) for e in await acl.admin.xrange(dlq_key(stream))]
+    results = await asyncio.gather(
+        cli("info", stream, "--json", url=url), cli("info", stream, url=url),
+        cli("tail", stream, "--from", "-5", "--count", "5", "--json", url=url),
+        cli("pending", stream, "g", "--json", url=url),
+        cli("dlq", "list", stream, "--json", url=url),
+        cli("dlq", "show", stream, dlq_ids[0], url=url))
+    assert [r.code for r in results] == [0] * len(results), [r.err for r in results]
+    assert results[0].json()["groups"][0]["pending"] == 1
+    assert [e["id"] for e in results[2].json_lines()] == ids
+    assert results[4].json()["dead_letters"] == 2
+    metrics = await _scrape(url, stream)
+    assert metrics["agentstreams_up"] == 1, metrics
+    assert await acl.denials(user) == []
+    await _assert_denied(
+        url, ("XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", stream, ">"),
+        ("XADD", stream, "*", "type", "x"), ("XACK", stream, "g", ids[2]),
+        ("XTRIM", stream, "MAXLEN", "0"), ("XCLAIM", stream, "g", "c", "0", ids[2]),
+        ("XGROUP", "CREATE", stream, "g2", "0"), ("XDEL", dlq_key(stream), dlq_ids[0]),
+        ("XRANGE", other, "-", "+"), ("FLUSHALL",), ("SCAN", "0"),
+        ("EVAL", "return 1", "0"))
+    await acl.admin.delete(stream, other, dlq_key(stream))
+
+
+async def test_operator_claims_replays_purges_and_trims(acl: AclServer) -> None:
+    stream, other = _stream(), _stream()
+    ids = await _seed_for_operators(acl.admin, stream)
+    user, url = await acl.user(acl_rules("operator", [stream]))
+    info = await cli("info", stream, "--json", url=url)
+    assert info.code == 0, info.err
+    claim = await cli("claim", stream, "g", "c2", "--from-consumer", "ghost", "--min-idle-ms",
+                      "0", "--json", url=url)
+    assert claim.code == 0, claim.err
+    assert claim.json()["claimed"] == [ids[2]]
+    dlq_ids = [to_str(e[0]) for e in await acl.admin.xrange(dlq_key(stream))]
+    replay = await cli("dlq", "replay", stream, dlq_ids[0], "--json", url=url)
+    assert replay.code == 0, replay.err
+    purge = await cli("dlq", "purge", stream, "--all", "--yes", "--json", url=url)
+    assert purge.code == 0, purge.err
+    assert await acl.admin.xlen(dlq_key(stream)) == 0
+    trim = await cli("trim", stream, "--maxlen", "1", "--json", url=url)
+    forced = await cli("trim", stream, "--maxlen", "1", "--force", "--json", url=url)
+    assert (trim.code, forced.code) == (0, 0), trim.err + forced.err
+    assert await acl.admin.xlen(stream) == 1
+    await acl.admin.script_flush()  # the replay script is loaded again after NOSCRIPT
+    await acl.admin.xadd(dlq_key(stream), {"original_stream": stream, "original_id": "1-1",
+                                           "group": "g", "reason": "rejected", "type": "t"})
+    again = await cli("dlq", "replay", stream, "--all", url=url)
+    assert again.code == 0, again.err
+    assert await acl.denials(user) == []
+    await _assert_denied(
+        url, ("XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", stream, ">"),
+        ("XADD", other, "*", "type", "x"), ("XTRIM", other, "MAXLEN", "0"),
+        ("XGROUP", "DESTROY", stream, "g"), ("DEL", stream), ("FLUSHALL",),
+        ("CONFIG", "SET", "save", ""), ("XACK", stream, "g", ids[2]))
+    await acl.admin.delete(stream, other, dlq_key(stream))
+
+
+# ------------------------------------------------------------------------------ agents
+
+
+@pytest.mark.slow
+async def test_agent_worker_and_client_run_a_chain(acl: AclServer) -> None:
+    pytest.importorskip("agents")
+    from agents import set_tracing_disabled
+
+    from agents_support.scenario import TOPIC_PREFIX, remote_agents
+    from agentstreams.integrations.openai_agents import AgentClient, AgentWorker, Keys
+
+    set_tracing_disabled(True)
+    namespace = f"ns{uuid.uuid4().hex[:8]}"
+    keys = Keys(namespace)
+    worker_user, worker_url = await acl.user(acl_rules("agent-worker", namespace=namespace))
+    client_user, client_url = await acl.user(acl_rules("agent-client", namespace=namespace))
+    async with AgentWorker(list(remote_agents().values()), worker_url, namespace=namespace,
+                           block_ms=200, visibility_timeout_ms=5000) as worker, \
+            AgentClient(client_url, namespace=namespace) as client:
+        result = await client.run("triage", TOPIC_PREFIX + "ACLs", session_id="s1",
+                                  timeout_s=20)
+        status = await client.status("s1")
+    assert result.final_output
+    assert status is not None
+    assert status.done
+    assert worker.stats.hops_run == 3
+    assert await acl.denials(worker_user) == []
+    assert await acl.denials(client_user) == []
+    inbox = keys.inbox("triage")
+    await _assert_denied(
+        client_url, ("XREADGROUP", "GROUP", "workers", "c", "STREAMS", inbox, ">"),
+        ("XRANGE", inbox, "-", "+"), ("XREAD", "STREAMS", keys.events, "0"),
+        ("XADD", "agents:inbox:triage", "*", "type", "x"), ("FLUSHALL",))
+    await _assert_denied(
+        worker_url, ("XTRIM", inbox, "MAXLEN", "0"), ("XDEL", inbox, "0-1"), ("FLUSHALL",),
+        ("XADD", "other:inbox:triage", "*", "type", "x"), ("DEL", inbox),
+        ("XREADGROUP", "GROUP", "workers", "c", "STREAMS", keys.replies("c1"), ">"))
+    found = [k async for k in acl.admin.scan_iter(match=f"*{namespace}*")]
+    if found:
+        await acl.admin.delete(*found)

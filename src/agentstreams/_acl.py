@@ -136,13 +136,20 @@ def _operator(streams: Sequence[str]) -> list[_Grant]:
     ]
 
 
+#: The agents' run status: a script over the run hash (HEXISTS, HGET, HSET, PEXPIRE), reads
+#: of it, and the session pointer (GET, SET).
+STATUS: Final = ("hget", "hgetall", "hexists", "hset", "pexpire", "get", "set")
+
+
 @dataclass(frozen=True, slots=True)
 class _AgentKeys:
     inboxes: str
-    inbox_side: str
+    inbox_side: str  # "{<ns>:inbox:*}:" (a prefix: append a suffix glob)
+    inbox_dlq: str
     events: str
     events_side: str
     replies: str
+    replies_side: str
     runs: str
     sessions: str
 
@@ -154,39 +161,54 @@ def _agent_keys(namespace: str) -> _AgentKeys:
     keys = Keys(namespace)
     ns = _escape(namespace)
     inbox = keys.inbox("")  # "<ns>:inbox:"
+    replies = keys.replies("")
     return _AgentKeys(
         inboxes=_escape(inbox) + "*",
-        inbox_side="{" + _escape(inbox) + "*}:*",
+        inbox_side="{" + _escape(inbox) + "*}:",
+        inbox_dlq="{" + _escape(inbox) + "*}:dlq",
         events=_escape(keys.events),
-        events_side=_escape(side_key(keys.events, "")) + "*",
-        replies=_escape(keys.replies("")) + "*",
+        events_side=_escape(side_key(keys.events, "")),
+        replies=_escape(replies) + "*",
+        replies_side="{" + _escape(replies) + "*}:",
         runs=f"{ns}:run:*",
         sessions=f"{ns}:session:*",
     )
+
+
+def _publish_to_patterns(streams: Sequence[str], sides: Sequence[str]) -> list[_Grant]:
+    """Publishing (plain, batched, idempotent) to streams given as patterns; ``sides`` are the
+    matching side-key prefixes (``{<pattern>}:``)."""
+    return [
+        _Grant((*PUBLISH, *TRANSACTIONS), tuple(streams), "%W~"),
+        _Grant((*SCRIPTS, *IDEMPOTENCY), (*streams, *(f"{p}idem:*" for p in sides))),
+    ]
 
 
 def _agent_worker(namespace: str) -> list[_Grant]:
     k = _agent_keys(namespace)
     return [
         # Consume the inboxes (and dead-letter into their {inbox}:dlq).
-        _Grant((*CONSUME, *SCRIPTS, *TRANSACTIONS), (k.inboxes, k.inbox_side)),
+        _Grant((*CONSUME, *SCRIPTS, *TRANSACTIONS), (k.inboxes, k.inbox_dlq)),
+        _Grant(PUBLISH, (k.inbox_dlq,), "%W~"),
         # Hand off to any agent's inbox, publish lifecycle events, answer the client.
-        _Grant(PUBLISH, (k.inboxes, k.inbox_side, k.events, k.replies), "%W~"),
+        *_publish_to_patterns((k.inboxes, k.events, k.replies),
+                              (k.inbox_side, k.events_side, k.replies_side)),
         _Grant(("expire",), (k.replies,), "%W~"),
         # Run status (a script over the run hash) and the session pointer.
-        _Grant((*SCRIPTS, "hget", "hgetall", "hset", "pexpire", "get", "set"),
-               (k.runs, k.sessions)),
+        _Grant((*SCRIPTS, *TRANSACTIONS, *STATUS), (k.runs, k.sessions)),
     ]
 
 
 def _agent_client(namespace: str) -> list[_Grant]:
     k = _agent_keys(namespace)
     return [
-        _Grant(PUBLISH, (k.inboxes,), "%W~"),
         # Its own reply stream: read, delete what it read, remove it on close.
         _Grant(("xread", "xdel", "del"), (k.replies,)),
-        _Grant((*SCRIPTS, "hget", "hgetall", "hset", "pexpire", "get", "set"),
-               (k.runs, k.sessions)),
+        # Tasks to the inboxes (idempotent), "offered" to the lifecycle event stream.
+        _Grant((*PUBLISH, *TRANSACTIONS), (k.inboxes, k.events), "%W~"),
+        _Grant((*SCRIPTS, *IDEMPOTENCY), (k.inboxes, f"{k.inbox_side}idem:*")),
+        # A new run: its status hash and session pointer in one transaction; then reads.
+        _Grant((*SCRIPTS, *TRANSACTIONS, *STATUS), (k.runs, k.sessions)),
     ]
 
 
