@@ -93,14 +93,15 @@ class AclServer:
     async def user(self, rules: str) -> tuple[str, str]:
         """A new user with ``rules``; returns (name, url)."""
         name = f"acl-{uuid.uuid4().hex[:10]}"
-        await self.admin.execute_command("ACL", "SETUSER", name, "on", f">{PASSWORD}",
-                                         *rules.split())
+        await self.admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", name, "on", f">{PASSWORD}", *rules.split())
         self.users.append(name)
         return name, f"redis://{name}:{PASSWORD}@{self.server.host}:{self.server.port}"
 
     async def denials(self, user: str) -> list[str]:
         """What ``ACL LOG`` recorded as denied to ``user``: ``reason:object`` strings."""
-        entries = await self.admin.execute_command("ACL", "LOG", "128")
+        entries = await self.admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "LOG", "128")
         found = []
         for entry in entries:
             data = _pairs(entry)
@@ -140,7 +141,7 @@ async def acl(acl_server_process: LocalServer) -> AsyncIterator[AclServer]:
     harness = AclServer(acl_server_process, admin)
     yield harness
     for user in harness.users:
-        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
     await admin.aclose()
 
 
@@ -152,7 +153,7 @@ async def _denied(url: str, *command: Any) -> bool:
     """True when the server refuses ``command`` to the user of ``url`` with NOPERM."""
     client = aioredis.Redis.from_url(url)
     try:
-        await client.execute_command(*command)
+        await client.execute_command(*command)  # type: ignore[no-untyped-call]
     except redis_exc.ResponseError as exc:
         # A plain NOPERM, or a denial inside a script (which does not say NOPERM; Valkey says
         # "ACL failure in script: No permissions to access a key").
@@ -210,7 +211,8 @@ async def test_worker_consumes_retries_dead_letters_renews_and_reclaims(acl: Acl
     await admin.xgroup_create(stream, "g", id="0", mkstream=True)
     await admin.xadd(stream, {"type": "ok", "n": "abandoned"})
     await admin.xreadgroup("g", "ghost", {stream: ">"}, count=1)
-    await admin.execute_command("XGROUP", "CREATECONSUMER", stream, "g", "gone")
+    await admin.execute_command(  # type: ignore[no-untyped-call]
+        "XGROUP", "CREATECONSUMER", stream, "g", "gone")
     attempts: dict[str, int] = {}
     handled: list[str] = []
 
@@ -294,6 +296,11 @@ async def _seed_for_operators(admin: aioredis.Redis, stream: str) -> list[str]:
     return ids
 
 
+async def _dlq_ids(admin: aioredis.Redis, stream: str) -> list[str]:
+    entries: Any = await admin.xrange(dlq_key(stream))
+    return [to_str(e[0]) for e in entries]
+
+
 async def _scrape(url: str, stream: str) -> dict[str, float]:
     from agentstreams.metrics import StreamStatsCollector
 
@@ -307,7 +314,7 @@ async def test_observer_reads_everything_and_changes_nothing(acl: AclServer) -> 
     ids = await _seed_for_operators(acl.admin, stream)
     await acl.admin.xadd(other, {"type": "x"})
     user, url = await acl.user(acl_rules("observer", [stream]))
-    dlq_ids = [to_str(e[0]) for e in await acl.admin.xrange(dlq_key(stream))]
+    dlq_ids = await _dlq_ids(acl.admin, stream)
     results = await asyncio.gather(
         cli("info", stream, "--json", url=url), cli("info", stream, url=url),
         cli("tail", stream, "--from", "-5", "--count", "5", "--json", url=url),
@@ -341,7 +348,7 @@ async def test_operator_claims_replays_purges_and_trims(acl: AclServer) -> None:
                       "0", "--json", url=url)
     assert claim.code == 0, claim.err
     assert claim.json()["claimed"] == [ids[2]]
-    dlq_ids = [to_str(e[0]) for e in await acl.admin.xrange(dlq_key(stream))]
+    dlq_ids = await _dlq_ids(acl.admin, stream)
     replay = await cli("dlq", "replay", stream, dlq_ids[0], "--json", url=url)
     assert replay.code == 0, replay.err
     purge = await cli("dlq", "purge", stream, "--all", "--yes", "--json", url=url)

@@ -110,7 +110,7 @@ def _producer(streams: Sequence[str]) -> list[_Grant]:
 
 
 def _worker(streams: Sequence[str]) -> list[_Grant]:
-    grants = [
+    return [
         # MULTI/EXEC: an entry with too many fields for the dead-letter script is moved in a
         # transaction instead (XADD to {S}:dlq + XACK).
         _Grant((*CONSUME, *SCRIPTS, *TRANSACTIONS),
@@ -118,7 +118,6 @@ def _worker(streams: Sequence[str]) -> list[_Grant]:
         # Dead letters: XADD to {S}:dlq only (in the dead-letter script or a transaction).
         _Grant(PUBLISH, tuple(_side(s, "dlq") for s in streams), "%W~"),
     ]
-    return grants
 
 
 def _observer(streams: Sequence[str]) -> list[_Grant]:
