@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import inspect
 import json
 import logging
 import os
@@ -15,21 +17,34 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import parse_qsl, quote
 
 import redis.exceptions as redis_exc
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from agentstreams._connection import ConnectionSettings, Redis, call, create_client, redact_url
+from agentstreams._connection import (
+    ConnectionSettings,
+    Redis,
+    call,
+    create_client,
+    redact_url,
+    translate_error,
+)
 from agentstreams._constants import DEFAULT_REDIS_URL
 from agentstreams._streams import first_field, stream_id_key, to_str
 from agentstreams.errors import (
     AgentStreamsError,
+    AuthenticationError,
+    ConfigurationError,
     ConnectionLostError,
     GroupNotFoundError,
     InvalidArgumentError,
+    PermissionDeniedError,
+    TLSError,
     WrongTypeError,
 )
 
@@ -54,6 +69,8 @@ __all__ = [
     "require_stream",
     "run",
     "usage_error",
+    "with_tls",
+    "with_tls_options",
 ]
 
 T = TypeVar("T")
@@ -74,12 +91,22 @@ class ExitCode(IntEnum):
     FAILURE = 1
     #: Bad usage: an invalid option value or a combination that makes no sense (as click does).
     USAGE = 2
-    #: The server cannot be reached (or refused our credentials).
+    #: The server cannot be reached (refused the connection, timed out, went away).
     UNREACHABLE = 3
     #: The stream, the consumer group or the dead letter named does not exist.
     NOT_FOUND = 4
     #: The key exists but holds something other than a stream.
     WRONG_TYPE = 5
+    #: The server's ACL denies this user a command or a key (NOPERM): grant it, or use
+    #: another user (``agentstreams acl`` prints each role's rules).
+    PERMISSION_DENIED = 6
+    #: The server refused the user name or password, or wants one and got none.
+    AUTHENTICATION = 7
+    #: TLS failed: a certificate check (wrong CA, hostname, client certificate refused), or
+    #: rediss:// against a plain-text port (or redis:// against a TLS one).
+    TLS = 8
+    #: Another misconfiguration retrying cannot fix (``ConfigurationError``).
+    CONFIGURATION = 9
 
 
 class CliError(Exception):
@@ -100,6 +127,100 @@ JsonOption = Annotated[
     bool,
     typer.Option("--json", help="Print JSON for scripts instead of tables."),
 ]
+
+
+#: The TLS options every command takes: (parameter, option, environment variable, URL query
+#: parameter redis-py passes to the connection, help).
+_TLS_OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("tls_ca_certs", "--tls-ca-certs", "REDIS_TLS_CA_CERTS", "ssl_ca_certs",
+     "CA certificate(s) (PEM) to check the server's certificate with."),
+    ("tls_certfile", "--tls-certfile", "REDIS_TLS_CERTFILE", "ssl_certfile",
+     "Client certificate (PEM), for servers with tls-auth-clients."),
+    ("tls_keyfile", "--tls-keyfile", "REDIS_TLS_KEYFILE", "ssl_keyfile",
+     "Private key (PEM) of the client certificate."),
+    ("tls_cert_reqs", "--tls-cert-reqs", "REDIS_TLS_CERT_REQS", "ssl_cert_reqs",
+     "Check the server's certificate: required (default), optional or none (insecure)."),
+)
+_CERT_REQS = ("required", "optional", "none")
+
+
+def with_tls(url: str, *, ca_certs: str | None = None, certfile: str | None = None,
+             keyfile: str | None = None, cert_reqs: str | None = None,
+             check_hostname: bool | None = None) -> str:
+    """``url`` with the TLS settings given as redis-py query parameters (``ssl_ca_certs=...``).
+
+    A setting given here replaces the same parameter in the URL. Raises InvalidArgumentError
+    for TLS settings on a URL that is not ``rediss://``, a file that does not exist, or a key
+    without its certificate.
+    """
+    options = {"ssl_ca_certs": ca_certs, "ssl_certfile": certfile, "ssl_keyfile": keyfile,
+               "ssl_cert_reqs": cert_reqs,
+               "ssl_check_hostname": None if check_hostname is None
+               else ("true" if check_hostname else "false")}
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return url
+    if not url.lower().startswith("rediss://"):
+        raise InvalidArgumentError(
+            f"TLS options need a rediss:// URL, not {redact_url(url)!r}")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in given and not Path(given[name]).is_file():
+            option = "--tls-" + name.removeprefix("ssl_").replace("_", "-")
+            raise InvalidArgumentError(f"{option}: no such file {given[name]!r}")
+    if "ssl_cert_reqs" in given and given["ssl_cert_reqs"] not in _CERT_REQS:
+        raise InvalidArgumentError(f"--tls-cert-reqs must be one of {', '.join(_CERT_REQS)}, "
+                                   f"not {given['ssl_cert_reqs']!r}")
+    if "ssl_keyfile" in given and "ssl_certfile" not in given and "ssl_certfile=" not in url:
+        raise InvalidArgumentError("--tls-keyfile needs --tls-certfile (the certificate of the "
+                                   "key)")
+    head, _, rest = url.partition("?")
+    query, hash_mark, fragment = rest.partition("#")
+    kept = [item for item in query.split("&") if item
+            and parse_qsl(item, keep_blank_values=True)[0][0] not in given] if query else []
+    added = [f"{k}={quote(v, safe='/:')}" for k, v in given.items()]
+    return f"{head}?{'&'.join(kept + added)}" + (f"#{fragment}" if hash_mark else "")
+
+
+def with_tls_options(command: Callable[..., T]) -> Callable[..., T]:
+    """Give a command the TLS options (``--tls-ca-certs`` ...): they are folded into its
+    ``redis_url`` as query parameters, so every way of connecting sees them."""
+    signature = inspect.signature(command, eval_str=True)
+    names = [spec[0] for spec in _TLS_OPTIONS] + ["tls_check_hostname"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            str | None, typer.Option(option, envvar=env, show_envvar=True, help=text,
+                                     rich_help_panel="TLS")])
+        for name, option, env, _param, text in _TLS_OPTIONS
+    ]
+    extra.append(inspect.Parameter(
+        "tls_check_hostname", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[bool | None, typer.Option(
+            "--tls-check-hostname/--tls-no-check-hostname", envvar="REDIS_TLS_CHECK_HOSTNAME",
+            show_envvar=True, rich_help_panel="TLS",
+            help="Check that the server's certificate names the host of the URL (default: "
+                 "yes; with --tls-cert-reqs none: no).")]))
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        tls = {name: kwargs.pop(name, None) for name in names}
+        url = kwargs.get("redis_url")
+        if any(v is not None for v in tls.values()):
+            as_json = bool(kwargs.get("as_json", False))
+            if url is None:
+                usage_error("TLS options need --redis-url (or REDIS_URL) with a rediss:// URL",
+                            as_json)
+            try:
+                kwargs["redis_url"] = with_tls(
+                    url, ca_certs=tls["tls_ca_certs"], certfile=tls["tls_certfile"],
+                    keyfile=tls["tls_keyfile"], cert_reqs=tls["tls_cert_reqs"],
+                    check_hostname=tls["tls_check_hostname"])
+            except InvalidArgumentError as exc:
+                usage_error(str(exc), as_json)
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *extra])
+    return wrapper
 
 
 def _console(stderr: bool) -> Console:
@@ -242,27 +363,48 @@ async def _connect(url: str) -> Redis:
     client = create_client(settings)
     try:
         await client.ping()
-    except redis_exc.AuthenticationError as exc:
+    except (redis_exc.RedisError, OSError) as exc:
         await client.aclose()
-        fail(f"the server at {redact_url(url)} refused our credentials ({exc}); put the "
-             "user and password in the URL: redis://user:password@host:port",
-             ExitCode.UNREACHABLE)
-    except (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError) as exc:
-        await client.aclose()
-        fail(f"cannot reach the server at {redact_url(url)} ({exc}); check --redis-url or "
-             "REDIS_URL and that the server is running", ExitCode.UNREACHABLE)
-    except redis_exc.ResponseError as exc:
-        await client.aclose()
-        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-            fail(f"the server at {redact_url(url)} needs a password ({exc}); use "
-                 "redis://user:password@host:port", ExitCode.UNREACHABLE)
-        raise
+        error = translate_error(exc)
+        if isinstance(error, ConnectionLostError):
+            fail(f"cannot reach the server at {redact_url(url)} ({exc}); check --redis-url or "
+                 "REDIS_URL and that the server is running", ExitCode.UNREACHABLE)
+        if isinstance(error, AuthenticationError):
+            fail(f"the server at {redact_url(url)} refused our credentials ({exc}); put the "
+                 "user and password in the URL: redis://user:password@host:port",
+                 ExitCode.AUTHENTICATION)
+        if isinstance(error, TLSError):
+            fail(f"TLS with the server at {redact_url(url)} failed ({exc}); check the CA "
+                 "(--tls-ca-certs), the client certificate (--tls-certfile, --tls-keyfile) and "
+                 "that rediss:// points at a TLS port (redis:// at a plain one)", ExitCode.TLS)
+        raise error from exc
     return client
+
+
+def _is_denial(exc: BaseException) -> bool:
+    """A denial translate_error may not recognise: Valkey's in-script wording
+    ("ACL failure in script: No permissions to access a key")."""
+    text = str(exc).lower()
+    return isinstance(exc, redis_exc.ResponseError) and (
+        "no permissions" in text or "acl failure" in text)
 
 
 def _exit_code_for(exc: BaseException) -> tuple[str, ExitCode]:
     if isinstance(exc, CliError):
         return exc.message, exc.code
+    if isinstance(exc, redis_exc.RedisError | OSError) and not isinstance(exc, AgentStreamsError):
+        exc = translate_error(exc)
+    if isinstance(exc, PermissionDeniedError) or _is_denial(exc):
+        command = getattr(exc, "command", None)
+        stream = getattr(exc, "stream", None)
+        what = (f" ({command})" if command else "") + (f" on {stream!r}" if stream else "")
+        return f"permission denied{what}: {exc}", ExitCode.PERMISSION_DENIED
+    if isinstance(exc, AuthenticationError):
+        return f"authentication failed: {exc}", ExitCode.AUTHENTICATION
+    if isinstance(exc, TLSError):
+        return f"TLS failed: {exc}", ExitCode.TLS
+    if isinstance(exc, ConfigurationError):
+        return f"misconfigured: {exc}", ExitCode.CONFIGURATION
     if isinstance(exc, InvalidArgumentError):
         return str(exc), ExitCode.USAGE
     if isinstance(exc, ConnectionLostError | redis_exc.ConnectionError | redis_exc.TimeoutError):

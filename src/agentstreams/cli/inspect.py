@@ -8,22 +8,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import redis.exceptions as redis_exc
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from agentstreams._connection import Redis, call
 from agentstreams._constants import DEFAULT_INSPECT_MAX_STREAMS, DEFAULT_VISIBILITY_TIMEOUT_MS
-from agentstreams._inspect import inspect_server, inspect_stream, pending_entries
+from agentstreams._inspect import (
+    find_streams,
+    inspect_stream,
+    inspect_streams,
+    pending_entries,
+)
 from agentstreams._retention import trim as safe_trim
 from agentstreams._streams import to_str
 from agentstreams.cli._common import (
     DEFAULT_REDIS_URL,
+    ExitCode,
     JsonOption,
     RedisUrlOption,
     count_of,
     emit_json,
     err,
+    fail,
     format_age,
     is_stream_id,
     out,
@@ -32,6 +40,7 @@ from agentstreams.cli._common import (
     run,
     usage_error,
 )
+from agentstreams.errors import AgentStreamsError, PermissionDeniedError
 
 __all__ = ["claim", "info", "pending", "trim_command"]
 
@@ -62,6 +71,12 @@ def _print_overview(reports: list[dict[str, Any]]) -> None:
                    "oldest pending", "dead letters"):
         table.add_column(column, justify="left" if column == "stream" else "right")
     for report in reports:
+        if report.get("error"):
+            what = "denied" if report.get("denied") else "unreadable"
+            table.add_row(Text(report["stream"]), Text(what, style="bold red"),
+                          *(["-"] * 5), Text("ACL denies reading it" if report.get("denied")
+                                             else report["error"][:60]))
+            continue
         groups = report["groups"]
         oldest_idle = _max_or_none([g["oldest_pending_idle_ms"] for g in groups])
         oldest_age = _max_or_none([g["oldest_pending_age_ms"] for g in groups])
@@ -131,6 +146,46 @@ def _print_stream(report: dict[str, Any]) -> None:
         out.print(consumers)
 
 
+async def _why_unreadable(client: Redis, stream: str) -> tuple[str, bool] | None:
+    """Why ``stream`` cannot be read (the error XINFO STREAM gets, and whether it is an ACL
+    denial), or None when it can be."""
+    try:
+        await call(lambda: client.xinfo_stream(stream), stream=stream)
+    except PermissionDeniedError as exc:
+        return f"permission denied reading {stream!r}: {exc}", True
+    except (AgentStreamsError, redis_exc.ResponseError) as exc:
+        text = str(exc)
+        denied = "no permissions" in text.lower() or "noperm" in text.lower()
+        return (f"permission denied reading {stream!r}: {text}" if denied else text), denied
+    return None
+
+
+async def _overview(client: Redis, match: str | None, max_streams: int) -> list[dict[str, Any]]:
+    """One row per stream found; a stream this user may not read gets a row saying so
+    (``error``, ``denied``) instead of failing the listing or vanishing from it."""
+    found = await find_streams(client, match=match, max_streams=max_streams)
+    # As inspect_server does, but knowing which streams were found.
+    stats = await inspect_streams(client, found.streams, detail=True,
+                                  dead_letter_keys=found.dead_letter_keys,
+                                  known_streams=frozenset(found.all_streams),
+                                  complete=match is None)
+    shown = {row.name for row in stats.streams}
+    rows = [row.as_dict() for row in stats.streams]
+    for name in found.streams:
+        if name in shown:
+            continue
+        reason = await _why_unreadable(client, name)
+        if reason is not None:
+            rows.append({"stream": name, "exists": True, "length": None, "groups": [],
+                         "dead_letters": None, "error": reason[0], "denied": reason[1]})
+    rows.sort(key=lambda row: row["stream"])
+    orphans = list(stats.orphans[:max(0, max_streams - len(stats.streams))])
+    if found.truncated or len(orphans) < len(stats.orphans):
+        err.print(f"showing the first {max_streams} of {len(found.all_streams)} streams "
+                  "(--match or --max-streams to see others)", markup=False)
+    return rows + [row.as_dict() for row in orphans]
+
+
 def info(
     stream: Annotated[str | None, typer.Argument(
         help="Stream to describe; without it, every stream on the server.")] = None,
@@ -146,19 +201,22 @@ def info(
 
     async def command(client: Redis) -> None:
         if stream is None:
-            stats = await inspect_server(client, match=match, detail=True,
-                                         max_streams=max_streams)
-            if stats.truncated:
-                err.print(f"showing the first {max_streams} of {stats.found} streams "
-                          "(--match or --max-streams to see others)", markup=False)
-            reports = [row.as_dict() for row in stats.rows]
+            reports = await _overview(client, match, max_streams)
             if as_json:
                 emit_json(reports)
             else:
                 _print_overview(reports)
             return
         await require_stream(client, stream)
-        report = (await inspect_stream(client, stream)).as_dict()
+        try:
+            stats = await inspect_stream(client, stream)
+        except AgentStreamsError:
+            # inspect_stream leaves out a stream it cannot read: say why (e.g. an ACL).
+            reason = await _why_unreadable(client, stream)
+            if reason is not None:
+                fail(reason[0], ExitCode.PERMISSION_DENIED if reason[1] else ExitCode.FAILURE)
+            raise
+        report = stats.as_dict()
         if as_json:
             emit_json(report)
         else:

@@ -9,6 +9,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the agentstreams CLI needs its extra: pip install 'agentstreams[cli]'") \
         from exc
 
+from agentstreams.cli._common import with_tls_options as tls
 from agentstreams.cli.acl import acl_command
 from agentstreams.cli.bench import bench
 from agentstreams.cli.deadletters import (
@@ -38,22 +39,22 @@ def _root() -> None:
     """agentstreams: reliable coordination for AI agents over Redis Streams."""
 
 
-app.command("info")(info)
-app.command("pending")(pending)
-app.command("claim")(claim)
-app.command("trim")(trim_command)
-app.command("tail")(tail_command)
-app.command("metrics")(metrics)
+app.command("info")(tls(info))
+app.command("pending")(tls(pending))
+app.command("claim")(tls(claim))
+app.command("trim")(tls(trim_command))
+app.command("tail")(tls(tail_command))
+app.command("metrics")(tls(metrics))
 app.command("acl")(acl_command)
-app.command("bench")(bench)
-app.command("demo")(demo)
+app.command("bench")(tls(bench))
+app.command("demo")(tls(demo))
 
 dlq_app = typer.Typer(name="dlq", no_args_is_help=True,
                       help="Dead letters: list, show, replay or purge them.")
-dlq_app.command("list")(list_command)
-dlq_app.command("show")(show_command)
-dlq_app.command("replay")(replay_command)
-dlq_app.command("purge")(purge_command)
+dlq_app.command("list")(tls(list_command))
+dlq_app.command("show")(tls(show_command))
+dlq_app.command("replay")(tls(replay_command))
+dlq_app.command("purge")(tls(purge_command))
 app.add_typer(dlq_app, name="dlq")
 
 
