@@ -367,8 +367,15 @@ async def _connect(url: str) -> Redis:
         await client.aclose()
         error = translate_error(exc)
         if isinstance(error, ConnectionLostError):
-            fail(f"cannot reach the server at {redact_url(url)} ({exc}); check --redis-url or "
-                 "REDIS_URL and that the server is running", ExitCode.UNREACHABLE)
+            hint = "check --redis-url or REDIS_URL and that the server is running"
+            if "reset by peer" in str(exc):
+                # What a TLS port does to plain text, and a server with tls-auth-clients to a
+                # client without a certificate: accept, then reset at the first bytes.
+                hint = ("a reset at the first command often means a TLS port addressed with "
+                        "redis:// (use rediss://) or a server that wants a client certificate "
+                        "(--tls-certfile, --tls-keyfile); else " + hint)
+            fail(f"cannot reach the server at {redact_url(url)} ({exc}); {hint}",
+                 ExitCode.UNREACHABLE)
         if isinstance(error, AuthenticationError):
             fail(f"the server at {redact_url(url)} refused our credentials ({exc}); put the "
                  "user and password in the URL: redis://user:password@host:port",
