@@ -195,6 +195,7 @@ async def test_producer_publishes_and_nothing_else(acl: AclServer) -> None:
         ("XACK", stream, "g", first), ("FLUSHALL",), ("CONFIG", "GET", "appendonly"),
         ("XADD", other, "*", "type", "x"), ("XADD", dlq_key(stream), "*", "type", "x"),
         ("GET", side_key(other, "idem:k1")), ("DEL", stream), ("KEYS", "*"),
+        ("SET", stream, "x"), ("GET", stream), ("SET", dlq_key(stream), "x"),
         ("EVAL", "return redis.call('XADD', KEYS[1], '*', 'a', 'b')", "1", other))
     await acl.admin.delete(stream, other, side_key(stream, "idem:k1"), side_key(stream, "idem:k2"))
 
@@ -277,7 +278,7 @@ async def test_worker_publishes_only_to_its_publish_to_streams(acl: AclServer) -
     await _assert_denied(
         url, ("XADD", stream, "*", "type", "x"), ("XADD", other, "*", "type", "x"),
         ("XREADGROUP", "GROUP", "g", "c", "STREAMS", handoffs, ">"), ("XRANGE", handoffs, "-", "+"),
-        ("XTRIM", handoffs, "MAXLEN", "0"))
+        ("XTRIM", handoffs, "MAXLEN", "0"), ("SET", handoffs, "x"))
     await acl.admin.delete(handoffs, side_key(handoffs, "idem:h1"))
 
 
@@ -404,10 +405,12 @@ async def test_agent_worker_and_client_run_a_chain(acl: AclServer) -> None:
     await _assert_denied(
         client_url, ("XREADGROUP", "GROUP", "workers", "c", "STREAMS", inbox, ">"),
         ("XRANGE", inbox, "-", "+"), ("XREAD", "STREAMS", keys.events, "0"),
-        ("XADD", "agents:inbox:triage", "*", "type", "x"), ("FLUSHALL",))
+        ("XADD", "agents:inbox:triage", "*", "type", "x"), ("FLUSHALL",),
+        ("SET", inbox, "x"), ("SET", keys.events, "x"))
     await _assert_denied(
         worker_url, ("XTRIM", inbox, "MAXLEN", "0"), ("XDEL", inbox, "0-1"), ("FLUSHALL",),
         ("XADD", "other:inbox:triage", "*", "type", "x"), ("DEL", inbox),
+        ("SET", inbox, "x"), ("SET", keys.events, "x"), ("SET", keys.replies("c1"), "x"),
         ("XREADGROUP", "GROUP", "workers", "c", "STREAMS", keys.replies("c1"), ">"))
     found = [k async for k in acl.admin.scan_iter(match=f"*{namespace}*")]
     if found:

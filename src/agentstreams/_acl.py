@@ -103,9 +103,12 @@ def _side_glob(stream: str, prefix: str) -> str:
 def _producer(streams: Sequence[str]) -> list[_Grant]:
     return [
         _Grant((*PUBLISH, *TRANSACTIONS), tuple(_escape(s) for s in streams), "%W~"),
-        # The idempotent publish: one script that GETs and SETs {S}:idem:<key> and XADDs to S.
-        _Grant((*SCRIPTS, "get", "set"),
-               tuple(k for s in streams for k in (_escape(s), _side_glob(s, "idem:")))),
+        # The idempotent publish: one script (KEYS: S and {S}:idem:<key>) that GETs and SETs
+        # the idempotency key and XADDs to S. The script's keys must fit one selector; GET
+        # and SET get their own, on the idempotency keys only (SET on S would replace the
+        # stream with a string).
+        _Grant(SCRIPTS, tuple(k for s in streams for k in (_escape(s), _side_glob(s, "idem:")))),
+        _Grant(IDEMPOTENCY, tuple(_side_glob(s, "idem:") for s in streams)),
     ]
 
 
@@ -177,9 +180,11 @@ def _agent_keys(namespace: str) -> _AgentKeys:
 def _publish_to_patterns(streams: Sequence[str], sides: Sequence[str]) -> list[_Grant]:
     """Publishing (plain, batched, idempotent) to streams given as patterns; ``sides`` are the
     matching side-key prefixes (``{<pattern>}:``)."""
+    idem = tuple(f"{p}idem:*" for p in sides)
     return [
         _Grant((*PUBLISH, *TRANSACTIONS), tuple(streams), "%W~"),
-        _Grant((*SCRIPTS, *IDEMPOTENCY), (*streams, *(f"{p}idem:*" for p in sides))),
+        _Grant(SCRIPTS, (*streams, *idem)),
+        _Grant(IDEMPOTENCY, idem),
     ]
 
 
@@ -205,7 +210,8 @@ def _agent_client(namespace: str) -> list[_Grant]:
         _Grant(("xread", "xdel", "del"), (k.replies,)),
         # Tasks to the inboxes (idempotent), "offered" to the lifecycle event stream.
         _Grant((*PUBLISH, *TRANSACTIONS), (k.inboxes, k.events), "%W~"),
-        _Grant((*SCRIPTS, *IDEMPOTENCY), (k.inboxes, f"{k.inbox_side}idem:*")),
+        _Grant(SCRIPTS, (k.inboxes, f"{k.inbox_side}idem:*")),
+        _Grant(IDEMPOTENCY, (f"{k.inbox_side}idem:*",)),
         # A new run: its status hash and session pointer in one transaction; then reads.
         _Grant((*SCRIPTS, *TRANSACTIONS, *STATUS), (k.runs, k.sessions)),
     ]
