@@ -17,8 +17,8 @@ Paths, all writing the entry ``encode_event_resp`` encodes:
 
 Errors say what happened: ``ConnectionLostError`` means nothing was written;
 ``PublishTimeoutError`` (a subclass) means it may have landed. Every publish returns or raises
-within ``timeout_s`` (the client's socket timeout unless given; time spent encoding a large
-batch does not count), plus the time to hand bytes to a slow socket.
+within ``timeout_s``: connecting, writing and waiting for the reply together (the client's
+socket timeout unless given; only the time spent encoding a large batch does not count).
 """
 
 from __future__ import annotations
@@ -199,7 +199,9 @@ class Publisher:
         """Append one event; returns its stream id.
 
         With ``idempotency_key``, a second publish with the same key within the window returns
-        the first id and writes nothing.
+        the first id and writes nothing. Returns or raises within ``timeout_s``:
+        ``ConnectionLostError`` when nothing was written (retry freely),
+        ``PublishTimeoutError`` when it may have been (retry with an idempotency key).
         """
         if traceparent is None:
             traceparent, tracestate = current_trace_headers()
