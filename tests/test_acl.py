@@ -415,3 +415,21 @@ async def test_agent_worker_and_client_run_a_chain(acl: AclServer) -> None:
     found = [k async for k in acl.admin.scan_iter(match=f"*{namespace}*")]
     if found:
         await acl.admin.delete(*found)
+
+
+def test_the_examples_in_the_docs_are_what_the_command_prints() -> None:
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    text = (docs / "security.md").read_text() + (docs / "cli.md").read_text()
+    examples = re.findall(r"\$ agentstreams acl ([^\n]+)\n([^\n]+)", text)
+    assert len(examples) >= 7
+    for command, printed in examples:
+        role, *options = command.split()
+        given: dict[str, list[str]] = {"--stream": [], "--publish-to": [], "--namespace": []}
+        for option, value in zip(options[::2], options[1::2], strict=True):
+            given[option].append(value)
+        namespace = given["--namespace"][0] if given["--namespace"] else None
+        assert acl_rules(role, given["--stream"], publish_to=given["--publish-to"],
+                         namespace=namespace) == printed.strip(), command

@@ -233,6 +233,7 @@ async def test_tls_failures_exit_8_fast_with_the_cause(setup: Setup) -> None:
         assert "certificate verify failed" in result.err, result.err
         _clean(result)
     assert "TLS" in wrong_ca.err
+    assert "mismatch" in hostname.err, hostname.err
     assert json_wrong_ca.error()["exit_code"] == 8
     assert json_wrong_ca.out == ""
     # redis:// on a TLS port: the server never answers in plain text.
