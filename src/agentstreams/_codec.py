@@ -53,6 +53,12 @@ from agentstreams.errors import (
     SerializationError,
 )
 
+_RESP_READER: Any  # hiredis.Reader, which parses RESP in C (None without hiredis)
+try:
+    from hiredis import Reader as _RESP_READER
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    _RESP_READER = None
+
 __all__ = [
     "EncodedEntry",
     "decode_entry",
@@ -365,15 +371,20 @@ def encode_event(
         event_type, fields, event_id=event_id, timestamp=timestamp,
         max_event_bytes=max_event_bytes, traceparent=traceparent, tracestate=tracestate,
         stream=stream)
-    data = text.encode()
-    values: list[bytes] = []
-    pos = 0
-    while len(values) < nargs:  # $<length>\r\n<bytes>\r\n, nargs times
-        end = data.index(b"\r\n", pos)
-        start = end + 2
-        stop = start + int(data[pos + 1:end])
-        values.append(data[start:stop])
-        pos = stop + 2
+    data = f"*{nargs}\r\n{text}".encode()
+    if _RESP_READER is not None:
+        reader = _RESP_READER()
+        reader.feed(data)
+        values: list[bytes] = reader.gets()
+    else:  # pragma: no cover - hiredis is a dependency; $<length>\r\n<bytes>\r\n, nargs times
+        values = []
+        pos = data.index(b"\r\n") + 2
+        while len(values) < nargs:
+            end = data.index(b"\r\n", pos)
+            start = end + 2
+            stop = start + int(data[pos + 1:end])
+            values.append(data[start:stop])
+            pos = stop + 2
     return dict(zip(values[::2], values[1::2], strict=True))
 
 
