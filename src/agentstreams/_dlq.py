@@ -3,8 +3,8 @@
 A dead letter is a stream entry in ``{stream}:dlq`` holding the original fields unchanged plus
 these fields: ``original_id``, ``original_stream``, ``group``, ``consumer``, ``reason``
 (``max_deliveries``, ``malformed``, ``rejected``), ``error`` (``Type: message``),
-``deliveries`` and ``dead_at_ms``. An original field whose name collides with one of them is
-kept as ``_orig_<name>`` and restored on replay.
+``deliveries`` and ``dead_at_ms``. An original field whose name collides with one of them, or
+starts with ``_orig_``, is kept as ``_orig_<name>`` and restored on read and replay.
 """
 
 from __future__ import annotations
@@ -70,7 +70,10 @@ def _dead_letter_fields(stream: str, group: str, consumer: str, msg_id: str,
         DLQ_FIELD_DEAD_AT_MS, str(int(time.time() * 1000)),
     ]
     for key, value in fields.items():
-        pairs.append(_COLLISION_PREFIX + key if key in _META_BYTES else key)
+        # Escape names that clash with ours, and names that look escaped already, so that
+        # stripping one prefix on the way back restores every name exactly.
+        escape = key in _META_BYTES or key.startswith(_COLLISION_PREFIX)
+        pairs.append(_COLLISION_PREFIX + key if escape else key)
         pairs.append(value)
     return pairs
 
