@@ -45,8 +45,9 @@ from conftest import assert_same, stream_entries
 Fields = dict[bytes, bytes]
 
 #: The decoder must answer this fast on anything (1 MiB values and 100,000-deep JSON included;
-#: the model below shares the budget). A hang or a quadratic blow-up fails the example.
-DEADLINE = timedelta(seconds=3)
+#: the model below shares the budget). A hang or a quadratic blow-up fails the example; the
+#: bound is loose because a loaded 2-core CI machine runs the server and the suite together.
+DEADLINE = timedelta(seconds=10)
 FUZZ = settings(max_examples=600, deadline=DEADLINE, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.large_base_example])
