@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams import Event, TLSError, Worker
+from agentstreams import AgentCoordinator, Event, TLSError, Worker
 from agentstreams.server import LocalServer, find_free_port
 from conftest import wait_for
 
@@ -124,3 +124,20 @@ async def test_worker_without_a_ca_fails_fast(tls_server: TlsServer) -> None:
 async def test_worker_with_redis_url_on_a_tls_port_fails_fast(tls_server: TlsServer) -> None:
     await _start_fails_fast(_worker(f"redis://127.0.0.1:{tls_server.tls_port}"),
                             "TLS port addressed with redis://")
+
+
+async def test_worker_with_rediss_url_on_a_plain_port_fails_fast(tls_server: TlsServer) -> None:
+    """rediss:// to a plain-text server used to wait out the connect timeout and say only
+    "Timeout connecting"; now the port is asked in plain text, and the error says what it is."""
+    await _start_fails_fast(_worker(f"rediss://127.0.0.1:{tls_server.server.port}"),
+                            "answers plain-text Redis commands")
+
+
+async def test_coordinator_with_rediss_url_on_a_plain_port_fails_fast(
+        tls_server: TlsServer) -> None:
+    started = time.monotonic()
+    coordinator = AgentCoordinator(f"rediss://127.0.0.1:{tls_server.server.port}", "s")
+    with pytest.raises(TLSError, match="use redis:// for this port"):
+        await coordinator.publish("x", {})
+    await coordinator.close()
+    assert time.monotonic() - started < 2.0

@@ -148,8 +148,48 @@ class _TcpConnection(_WriteTimeoutWithoutTask, aioredis.Connection):
     """TCP connection with task-free write timeouts."""
 
 
+#: A TLS handshake still unanswered after this long makes us ask the port in plain text
+#: whether it is a plain Redis: rediss:// to a plain server otherwise waits out the whole
+#: connect timeout and ends in a bare "Timeout connecting".
+PLAIN_TEXT_PROBE_AFTER_S = 0.3
+PLAIN_TEXT_PROBE_TIMEOUT_S = 0.5
+
+
+async def _answers_plain_text(host: str, port: int) -> bool:
+    """True when ``host:port`` answers a plain-text PING the way a Redis server does."""
+    try:
+        async with asyncio.timeout(PLAIN_TEXT_PROBE_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"PING\r\n")
+                reply = await reader.read(64)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return reply[:1] in (b"+", b"-")  # +PONG, or -NOAUTH / -ERR from a plain server
+
+
 class _TlsConnection(_WriteTimeoutWithoutTask, aioredis.SSLConnection):
-    """TLS connection with task-free write timeouts."""
+    """TLS connection with task-free write timeouts, which tells a plain-text server apart
+    from a slow handshake (and says so, as an ``ssl.SSLError``) instead of timing out."""
+
+    host: str
+    port: int
+
+    async def _connect(self) -> None:
+        attempt = asyncio.ensure_future(super()._connect())  # type: ignore[no-untyped-call]
+        try:
+            done, _ = await asyncio.wait({attempt}, timeout=PLAIN_TEXT_PROBE_AFTER_S)
+            if not done and await _answers_plain_text(self.host, self.port):
+                raise ssl.SSLError(
+                    f"no TLS handshake from {self.host}:{self.port}, which answers plain-text "
+                    "Redis commands: use redis:// for this port (or rediss:// with its TLS "
+                    "port)")
+            await attempt
+        finally:
+            if not attempt.done():
+                attempt.cancel()
 
 
 class _UnixConnection(_WriteTimeoutWithoutTask, aioredis.UnixDomainSocketConnection):
@@ -196,10 +236,10 @@ def create_client(settings: ConnectionSettings, **overrides: Any) -> Redis:
 
 
 #: Phrases of the replies a denied command or key gets (plain, or raised inside a script).
-_DENIED_PHRASES = ("NOPERM", "no permissions to", "can't run this command",
-                   "can't access at least one of the keys")
-_AUTH_PHRASES = ("WRONGPASS", "NOAUTH", "invalid username-password pair",
-                 "Authentication required", "invalid password")
+_DENIED_PHRASES = ("noperm", "no permissions to", "can't run this command",
+                   "can't access at least one of the keys", "acl failure")
+_AUTH_PHRASES = ("wrongpass", "noauth", "invalid username-password pair",
+                 "authentication required", "invalid password")
 
 
 def _ssl_error_in(exc: BaseException) -> ssl.SSLError | None:
@@ -218,13 +258,15 @@ def _configuration_error(exc: BaseException, *, stream: str | None,
                          group: str | None) -> ConfigurationError | None:
     """The permanent error ``exc`` stands for (credentials, ACL, TLS), or None."""
     text = str(exc)
+    lowered = text.lower()
     if isinstance(exc, redis_exc.AuthenticationError) or (
-            isinstance(exc, redis_exc.ResponseError) and any(p in text for p in _AUTH_PHRASES)):
+            isinstance(exc, redis_exc.ResponseError) and any(p in lowered for p in _AUTH_PHRASES)):
         return AuthenticationError(
             f"the server refused the credentials ({text}); check the user name and password "
             "in the URL", stream=stream, group=group)
     if isinstance(exc, redis_exc.NoPermissionError) or (
-            isinstance(exc, redis_exc.ResponseError) and any(p in text for p in _DENIED_PHRASES)):
+            isinstance(exc, redis_exc.ResponseError)
+            and any(p in lowered for p in _DENIED_PHRASES)):
         match = re.search(r"run the '([^']+)' command", text)
         command = match.group(1).upper() if match else None
         what = f"the {command} command" if command else (
