@@ -46,6 +46,7 @@ from agentstreams._constants import (
     MAX_NAME_LENGTH,
 )
 from agentstreams._events import Event, EventType
+from agentstreams._signing import StreamSigner
 from agentstreams.errors import (
     InvalidArgumentError,
     MalformedEventError,
@@ -262,6 +263,7 @@ def encode_event_resp(
     tracestate: str | None = None,
     stream: str | None = None,
     type_in_fields: bool = False,
+    signer: StreamSigner | None = None,
 ) -> tuple[int, str]:
     r"""Encode (and validate) one event: the entry's fields as RESP bulk strings.
 
@@ -276,6 +278,9 @@ def encode_event_resp(
     producer timestamp (otherwise ``timestamp`` or the current time is written). The size
     checked against ``max_event_bytes`` is every field name and value of the entry, metadata
     included: exactly what ``decode_entry`` counts.
+
+    With a ``signer`` (that of the stream the entry goes to), ``_kid`` and ``_sig`` are
+    appended (see ``_signing``) and counted in the size too.
     """
     head = _RESP_TYPES.get(event_type) if type(event_type) in _CACHEABLE_TYPES else None
     if head is None:
@@ -342,6 +347,8 @@ def encode_event_resp(
             parts.append(_RESP_TRACESTATE + _resp_bulk(tracestate))
             size += _TRACESTATE_NAME_BYTES + _text_byte_length(FIELD_TRACESTATE, tracestate)
             nargs += 2
+    if signer is not None:
+        size += signer.overhead
     if size > max_event_bytes:
         raise PayloadTooLargeError(
             f"event of type {head[2]!r} is {size} bytes (field names and values, metadata "
@@ -351,6 +358,8 @@ def encode_event_resp(
             limit=max_event_bytes,
             stream=stream,
         )
+    if signer is not None:
+        return signer.sign(nargs, "".join(parts))
     return nargs, "".join(parts)
 
 
@@ -364,13 +373,14 @@ def encode_event(
     traceparent: str | None = None,
     tracestate: str | None = None,
     stream: str | None = None,
+    signer: StreamSigner | None = None,
 ) -> EncodedEntry:
     """The entry ``encode_event_resp`` writes, as a field -> value dict (for tools and
     tests; the publish paths send the RESP text itself)."""
     nargs, text = encode_event_resp(
         event_type, fields, event_id=event_id, timestamp=timestamp,
         max_event_bytes=max_event_bytes, traceparent=traceparent, tracestate=tracestate,
-        stream=stream)
+        stream=stream, signer=signer)
     data = f"*{nargs}\r\n{text}".encode()
     if _RESP_READER is not None:
         reader = _RESP_READER()

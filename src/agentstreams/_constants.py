@@ -21,6 +21,13 @@ FIELD_JSON: Final = "_json"
 #: W3C traceparent of the publisher, when tracing is enabled.
 FIELD_TRACEPARENT: Final = "_tp"
 FIELD_TRACESTATE: Final = "_tstate"
+#: Signed events: the id of the key that signed the entry, and its HMAC-SHA256 (hex).
+FIELD_KEY_ID: Final = "_kid"
+FIELD_SIGNATURE: Final = "_sig"
+#: First bulk string of the signed bytes (domain separation; bumped if the form changes).
+SIGNATURE_DOMAIN: Final = "agentstreams-sig-1"
+#: Shortest secret accepted in ``signing_keys`` (bytes).
+SIGNING_KEY_MIN_BYTES: Final = 16
 
 # Byte forms used on the hot decode path.
 B_FIELD_VERSION: Final = FIELD_VERSION.encode()
@@ -51,6 +58,9 @@ DLQ_META_PREFIX: Final = "dlq_"
 DLQ_REASON_MAX_DELIVERIES: Final = "max_deliveries"
 DLQ_REASON_MALFORMED: Final = "malformed"
 DLQ_REASON_REJECTED: Final = "rejected"
+#: Signing keys are configured and the entry is unsigned, tampered, copied from another
+#: stream, or signed with a key this consumer does not know.
+DLQ_REASON_UNAUTHENTICATED: Final = "unauthenticated"
 
 # --- limits and defaults --------------------------------------------------------------------
 #: Largest encoded event we publish or accept (bytes). Bigger entries are dead-lettered.

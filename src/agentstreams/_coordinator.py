@@ -42,6 +42,7 @@ from agentstreams._intake import Intake
 from agentstreams._observe import get_observer
 from agentstreams._publisher import Publisher, StreamCap
 from agentstreams._retention import trim
+from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._streams import (
     RawEntry,
     ack,
@@ -107,6 +108,10 @@ class AgentCoordinator:
 
     ``redis_url`` may also be an existing ``redis.asyncio.Redis`` client (it is not closed by
     ``close()``). Use ``async with AgentCoordinator(...) as c:`` to initialize and close.
+
+    ``signing_keys`` (key id -> secret, ordered; the first signs, all verify): every publish
+    is signed, and ``subscribe`` / ``claim_abandoned_messages`` dead-letter, as
+    ``unauthenticated``, every entry whose signature does not verify (unsigned ones included).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class AgentCoordinator:
         cap: StreamCap | None = None,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
     ) -> None:
         self._stream_name = validate_name("stream_name", stream_name)
         self._consumer_group = (validate_name("consumer_group", consumer_group)
@@ -145,6 +151,8 @@ class AgentCoordinator:
         self._max_deliveries = max_deliveries
         self._cap = cap
         self._idempotency_window_s = idempotency_window_s
+        #: With keys, every publish is signed and every read entry verified before decoding
+        self._signing_keys = signing_keys_from(signing_keys)
         self._publisher: Publisher | None = None
         self._derived_groups: set[str] = set()
         # A blocking read must return before the socket times out.
@@ -191,7 +199,8 @@ class AgentCoordinator:
                        stream=self._stream_name, group=group)
         self._publisher = Publisher(client, self._stream_name,
                                     max_event_bytes=self._max_event_bytes, cap=self._cap,
-                                    idempotency_window_s=self._idempotency_window_s)
+                                    idempotency_window_s=self._idempotency_window_s,
+                                    signing_keys=self._signing_keys)
         self._initialized = True
 
     async def _get_client(self) -> Redis:
@@ -330,7 +339,8 @@ class AgentCoordinator:
     def _intake(self, client: Redis, group: str) -> Intake:
         assert self._consumer_name is not None
         return Intake(client, self._stream_name, group, self._consumer_name,
-                      max_deliveries=self._max_deliveries, max_event_bytes=self._max_event_bytes)
+                      max_deliveries=self._max_deliveries, max_event_bytes=self._max_event_bytes,
+                      signing_keys=self._signing_keys)
 
     async def subscribe(
         self,

@@ -31,10 +31,12 @@ from agentstreams._constants import (
     AUTOCLAIM_BATCH,
     DLQ_REASON_MALFORMED,
     DLQ_REASON_MAX_DELIVERIES,
+    DLQ_REASON_UNAUTHENTICATED,
 )
 from agentstreams._dlq import dead_letter
 from agentstreams._events import Event
 from agentstreams._observe import Observer, get_observer
+from agentstreams._signing import SigningKeys
 from agentstreams._streams import (
     RawEntry,
     autoclaim_all,
@@ -56,6 +58,7 @@ class IntakeCounters(Protocol):
     dead_lettered: int
     dead_letter_failures: int
     malformed: int
+    unauthenticated: int
     lost: int
     claimed: int
 
@@ -68,6 +71,7 @@ class _Counters:
     dead_lettered: int = 0
     dead_letter_failures: int = 0
     malformed: int = 0
+    unauthenticated: int = 0
     lost: int = 0
     claimed: int = 0
 
@@ -130,6 +134,7 @@ class Intake:
         max_event_bytes: int,
         counters: IntakeCounters | None = None,
         observer: Callable[[], Observer] = get_observer,
+        signing_keys: SigningKeys | None = None,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -139,6 +144,8 @@ class Intake:
         self.max_event_bytes = max_event_bytes
         self.counters: IntakeCounters = counters if counters is not None else _Counters()
         self._observer = observer
+        #: With signing keys, every entry is verified before it is decoded
+        self._verifier = signing_keys.verifier(stream) if signing_keys is not None else None
         #: Where the re-read of this consumer's own pending entries stands; None once drained.
         self.pending_from: str | None = "0"
 
@@ -245,6 +252,8 @@ class Intake:
         if not redelivery and entries:
             self.counters.delivered += len(entries)
             self._observer().on_delivered(self.stream, self.group, len(entries))
+        if self._verifier is not None:
+            entries = self._authenticated(entries, counts, out)
         max_deliveries = self.max_deliveries
         for msg_id, fields in entries:
             deliveries = 1 if counts is None else counts.get(msg_id, 1)
@@ -275,6 +284,24 @@ class Intake:
             out.events.append(event)
             out.fields.append(fields)
         return out
+
+    def _authenticated(self, entries: Sequence[RawEntry], counts: Mapping[str, int] | None,
+                       out: Sorted) -> list[RawEntry]:
+        """The entries whose signature verifies (and the lost ones, for ``sort``); the others
+        go to ``out.dead`` as ``unauthenticated`` before anything decodes them."""
+        assert self._verifier is not None
+        problem_of = self._verifier.problem
+        kept: list[RawEntry] = []
+        for entry in entries:
+            msg_id, fields = entry
+            if fields is None or (problem := problem_of(fields)) is None:
+                kept.append(entry)
+                continue
+            self.counters.unauthenticated += 1
+            out.dead.append(DeadLetterRequest(
+                msg_id, fields, DLQ_REASON_UNAUTHENTICATED, problem,
+                1 if counts is None else counts.get(msg_id, 1)))
+        return kept
 
     # ---------------------------------------------------------------- dead letters
 

@@ -43,6 +43,7 @@ from agentstreams._constants import (
 )
 from agentstreams._events import EventType
 from agentstreams._observe import get_observer
+from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._streams import idempotency_key_name, to_str
 from agentstreams._transport import MaybeWrittenError, Pipe, exchange
 from agentstreams.errors import (
@@ -116,6 +117,9 @@ class Publisher:
     ``timeout_s`` bounds every publish (connecting, writing and waiting for the reply
     together); by default it is the client's socket timeout (``socket_timeout_s`` of
     ``AgentCoordinator``, 10 s unless set).
+
+    ``signing_keys`` (key id -> secret, ordered): every event is signed with the first key on
+    every path (``_kid`` and ``_sig`` fields; see ``agentstreams._signing``).
     """
 
     def __init__(
@@ -128,7 +132,9 @@ class Publisher:
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         coalesce: bool = True,
         timeout_s: float | None = None,
+        signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
     ) -> None:
+        keys = signing_keys_from(signing_keys)
         if not isinstance(max_event_bytes, int) or max_event_bytes <= 0:
             raise InvalidArgumentError("max_event_bytes must be a positive integer")
         if idempotency_window_s <= 0:
@@ -145,6 +151,9 @@ class Publisher:
         self.cap = cap
         self.idempotency_window_s = idempotency_window_s
         self.timeout_s = float(timeout_s)
+        #: Signs every entry (``_kid``, ``_sig``) when ``signing_keys`` were given
+        self.signing_keys = keys
+        self._signer = keys.signer(stream) if keys is not None else None
         self._pool = client.connection_pool
         self._cap_args: list[str | int] = cap.args() if cap and cap.kind == "maxlen" else []
         #: RESP of the stream key, for the hand-packed commands
@@ -211,7 +220,7 @@ class Publisher:
         encoded = encode_event_resp(event_type, fields, event_id=event_id,
                                     max_event_bytes=self.max_event_bytes,
                                     traceparent=traceparent, tracestate=tracestate,
-                                    stream=self.stream)
+                                    stream=self.stream, signer=self._signer)
         if self._busy and self.coalesce:
             # Queue for the next round trip (see the module docstring) and wait for the id.
             loop = asyncio.get_running_loop()
@@ -460,7 +469,7 @@ class Publisher:
             return encode_event_resp(event["type"], event, type_in_fields=True,
                                      max_event_bytes=self.max_event_bytes,
                                      traceparent=traceparent, tracestate=tracestate,
-                                     stream=self.stream)
+                                     stream=self.stream, signer=self._signer)
         except AgentStreamsError as exc:
             exc.add_note(f"in event #{index} of the batch given to publish_many")
             raise
@@ -478,7 +487,7 @@ class Publisher:
         nargs, body = encode_event_resp(event_type, fields, event_id=event_id,
                                         max_event_bytes=self.max_event_bytes,
                                         traceparent=traceparent, tracestate=tracestate,
-                                        stream=self.stream)
+                                        stream=self.stream, signer=self._signer)
         cap = self._current_cap_args()
         # KEYS: stream, idempotency key. ARGV: window ms, n cap args, cap args..., fields...
         tail = (f"$1\r\n2\r\n{self._key_resp}{_bulk(idempotency_key_name(self.stream, key))}"

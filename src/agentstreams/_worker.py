@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
@@ -65,6 +65,7 @@ from agentstreams._events import Event, EventType
 from agentstreams._intake import DeadLetterRequest, Intake
 from agentstreams._lifecycle import serve_until_stopped
 from agentstreams._observe import Observer, get_observer
+from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._streams import RawEntry, ensure_group, first_field, to_str, validate_name
 from agentstreams.errors import (
     AgentStreamsError,
@@ -142,6 +143,8 @@ class WorkerStats:
     #: dead-letter moves that failed for now (the entry stayed pending and comes back)
     dead_letter_failures: int = 0
     malformed: int = 0
+    #: entries refused by signature verification (dead-lettered as ``unauthenticated``)
+    unauthenticated: int = 0
     unhandled: int = 0
     claimed: int = 0
     lost: int = 0
@@ -229,6 +232,7 @@ class Worker:
         group_start_id: str = "0",
         probe_server: bool = True,
         observer: Observer | None = None,
+        signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
     ) -> None:
         self.stream = validate_name("stream_name", stream_name)
         self.group = validate_name("consumer_group", consumer_group)
@@ -276,6 +280,9 @@ class Worker:
         self.consumer_cleanup_idle_ms = consumer_cleanup_idle_ms or max(
             visibility_timeout_ms * 10, 600_000)
         self.max_event_bytes = max_event_bytes
+        #: With keys, every entry is verified before decoding; failures are dead-lettered as
+        #: ``unauthenticated`` and never reach a handler
+        self.signing_keys = signing_keys_from(signing_keys)
         self.group_start_id = group_start_id
         self.probe_server = probe_server
         #: receives what the worker does (``agentstreams.metrics.attach_worker_metrics`` sets
@@ -416,7 +423,7 @@ class Worker:
         self._intake = Intake(client, self.stream, self.group, self.consumer,
                               max_deliveries=self.max_deliveries,
                               max_event_bytes=self.max_event_bytes, counters=self.stats,
-                              observer=self._obs)
+                              observer=self._obs, signing_keys=self.signing_keys)
         backoff = Backoff(RECONNECT_BACKOFF_BASE_S, RECONNECT_BACKOFF_CAP_S)
         episode = _Episode("creating the consumer group", self._log_extra())
         resets = 0

@@ -26,6 +26,7 @@ from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, c
 from agentstreams._constants import DEFAULT_MAX_EVENT_BYTES, SOCKET_TIMEOUT_MARGIN_S
 from agentstreams._events import EventType
 from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._streams import entries_from_read_reply
 from agentstreams.errors import (
     ClosedError,
@@ -94,6 +95,8 @@ class ClientStats:
     #: replies for runs nobody waits for any more (timed out) or already answered
     late_or_duplicate_replies: int = 0
     malformed_replies: int = 0
+    #: replies refused by signature verification (unsigned, forged, copied): never resolve a run
+    unauthenticated_replies: int = 0
 
 
 class AgentClient:
@@ -104,6 +107,9 @@ class AgentClient:
         client: an existing bytes-mode ``redis.asyncio.Redis`` (not closed by ``close()``).
         namespace: key prefix shared with the workers.
         client_id: names this client's reply stream (unique by default).
+        signing_keys: key id -> secret (ordered: the first signs, all verify), the same as the
+            workers'. Tasks (and events) are signed; a reply whose signature does not verify
+            is dropped, counted in ``stats.unauthenticated_replies`` and never resolves a run.
     """
 
     def __init__(
@@ -116,8 +122,10 @@ class AgentClient:
         status_ttl_s: float = DEFAULT_STATUS_TTL_S,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         events_maxlen: int | None = DEFAULT_EVENTS_MAXLEN,
+        signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
     ) -> None:
         self.keys = Keys(namespace)
+        self.signing_keys = signing_keys_from(signing_keys)
         self.client_id = client_id or uuid.uuid4().hex[:16]
         self.reply_stream = self.keys.replies(self.client_id)
         self._external = client
@@ -128,6 +136,8 @@ class AgentClient:
         self._status_ttl_s = status_ttl_s
         self._max_event_bytes = max_event_bytes
         self._events_cap = StreamCap(value=events_maxlen) if events_maxlen is not None else None
+        self._verifier = (self.signing_keys.verifier(self.reply_stream)
+                          if self.signing_keys is not None else None)
         self._client: Redis | None = None
         self._status: StatusStore | None = None
         self._pending: dict[str, asyncio.Future[RunReply]] = {}
@@ -247,13 +257,15 @@ class AgentClient:
                                    reply_to=self.reply_stream)
             await status.transition(run_id, 0, OFFERED, {"agent": agent, "from_agent": None})
             with contextlib.suppress(Exception):  # observers only; the hash is the record
-                await Publisher(client, self.keys.events, cap=self._events_cap).publish(
+                await Publisher(client, self.keys.events, cap=self._events_cap,
+                                signing_keys=self.signing_keys).publish(
                     EventType.STATE_CHANGED, {
                         "session_id": session_id, "run_id": run_id, "hop": 0, "agent": agent,
                         "changes": {"status": OFFERED, "hop": 0, "agent": agent},
                         "timestamp": time.time()})
             inbox = Publisher(client, self.keys.inbox(agent),
-                              max_event_bytes=self._max_event_bytes)
+                              max_event_bytes=self._max_event_bytes,
+                              signing_keys=self.signing_keys)
             await inbox.publish(TASK_EVENT, task.to_fields(), idempotency_key=task.task_id)
         except BaseException:
             self._pending.pop(run_id, None)
@@ -351,6 +363,13 @@ class AgentClient:
                         self.reply_stream, *d), stream=self.reply_stream)
 
     def _dispatch(self, msg_id: str, fields: dict[bytes, bytes]) -> None:
+        if self._verifier is not None:  # before anything decodes the entry
+            problem = self._verifier.problem(fields)
+            if problem is not None:
+                self.stats.unauthenticated_replies += 1
+                logger.warning("ignored an unauthenticated reply %s: %s", msg_id, problem,
+                               extra={"stream": self.reply_stream})
+                return
         try:
             event = decode_entry(msg_id, fields, stream=self.reply_stream)
             reply = RunReply.from_mapping(event)

@@ -41,6 +41,7 @@ from agentstreams._coordinator import AgentCoordinator
 from agentstreams._events import Event, EventType
 from agentstreams._lifecycle import serve_until_stopped
 from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._worker import Worker
 from agentstreams.errors import ClosedError, InvalidArgumentError, Reject
 from agentstreams.integrations.openai_agents._context import (
@@ -128,6 +129,10 @@ class AgentWorker:
         max_turns: default turn limit of a hop (the caller may pass its own).
         events_maxlen: approximate cap of the shared event stream (None: no cap). Inboxes are
             never capped: trim them with ``AgentCoordinator.trim_stream`` (it keeps pending).
+        signing_keys: key id -> secret (ordered: the first signs, all verify), the same as the
+            clients'. Tasks are verified before they are decoded: an unsigned or forged task is
+            dead-lettered as ``unauthenticated`` and no agent runs. Handoffs, replies and
+            lifecycle events are signed.
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class AgentWorker:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         shutdown_timeout_s: float = 30.0,
         events_maxlen: int | None = DEFAULT_EVENTS_MAXLEN,
+        signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
     ) -> None:
         if isinstance(agents, Agent) or not agents:
             raise InvalidArgumentError("agents must be a non-empty list of Agent objects")
@@ -176,6 +182,9 @@ class AgentWorker:
         self.publish_timeout_s = publish_timeout_s
         self.max_event_bytes = max_event_bytes
         self.events_cap = StreamCap(value=events_maxlen) if events_maxlen is not None else None
+        #: With keys: tasks read from the inboxes are verified (a forged one is dead-lettered
+        #: ``unauthenticated`` and no agent runs); handoffs, replies and events are signed
+        self.signing_keys = signing_keys_from(signing_keys)
         self.stats = AgentWorkerStats()
         self._external = client
         self._settings = None if client is not None else ConnectionSettings(url=redis_url)
@@ -192,7 +201,7 @@ class AgentWorker:
                 max_deliveries=max_deliveries, block_ms=block_ms,
                 # no prefetch: an idle replica, not a busy one, should take the next hop
                 prefetch=0, max_event_bytes=max_event_bytes,
-                shutdown_timeout_s=shutdown_timeout_s)
+                shutdown_timeout_s=shutdown_timeout_s, signing_keys=self.signing_keys)
             worker.add_handler(self._handle, TASK_EVENT)
             self.workers[name] = worker
 
@@ -209,7 +218,8 @@ class AgentWorker:
             self._status = StatusStore(self._client, self.keys, self._status_ttl_s)
             self._events = AgentCoordinator(client=self._client, stream_name=self.keys.events,
                                             max_event_bytes=self.max_event_bytes,
-                                            cap=self.events_cap)
+                                            cap=self.events_cap,
+                                            signing_keys=self.signing_keys)
         await asyncio.gather(*(w.start() for w in self.workers.values()))
         logger.info("agent worker %s hosting %s", self.name, sorted(self.agents))
 
@@ -344,8 +354,8 @@ class AgentWorker:
         await self._lifecycle(hooks, following.hop, target, OFFERED,
                               from_agent=from_agent)
         # Idempotent: if this hop is re-run after a crash, the next hop is not offered twice.
-        await Publisher(client, self.keys.inbox(target),
-                        max_event_bytes=self.max_event_bytes).publish(
+        await Publisher(client, self.keys.inbox(target), max_event_bytes=self.max_event_bytes,
+                        signing_keys=self.signing_keys).publish(
             TASK_EVENT, following.to_fields(), idempotency_key=following.task_id)
         await status.transition(task.run_id, task.hop, COMPLETED,
                                 {"agent": task.agent, "worker": self.name,
@@ -356,7 +366,8 @@ class AgentWorker:
     async def _reply(self, task: TaskEnvelope, reply: RunReply) -> None:
         client, _, _ = self._connected()
         # Idempotent: a re-run of the final hop cannot answer the caller twice.
-        await Publisher(client, task.reply_to, max_event_bytes=self.max_event_bytes).publish(
+        await Publisher(client, task.reply_to, max_event_bytes=self.max_event_bytes,
+                        signing_keys=self.signing_keys).publish(
             REPLY_EVENT, reply.to_fields(), idempotency_key=f"{task.run_id}:reply")
         await client.expire(task.reply_to, int(REPLY_STREAM_TTL_S))
 

@@ -1,0 +1,210 @@
+"""Signed events: HMAC-SHA256 over the canonical bytes of an entry, with a key id.
+
+A publisher with ``signing_keys`` appends two metadata fields to every entry it writes::
+
+    _kid    k2                                   (the id of the key that signed)
+    _sig    3f9a...                              (HMAC-SHA256, 64 lowercase hex characters)
+
+The signed bytes are a sequence of RESP bulk strings (``$<length>\\r\\n<bytes>\\r\\n``, so
+length-prefixed and unambiguous whatever the bytes are)::
+
+    "agentstreams-sig-1", <stream name>, <name1>, <value1>, ..., "_kid", <key id>
+
+that is the domain tag, the stream the entry is written to (a copy into another stream does
+not verify), then every field name and value of the entry in entry order (type, user fields,
+timestamp, ``_v``, ``_eid``, ``_json``, trace context) and the ``_kid`` pair: everything but
+``_sig`` itself. The publisher signs the RESP text the one encoder already produced; the
+consumer rebuilds the same bytes from the fields it read and compares in constant time,
+before anything decodes the entry. A field changed, added, removed or reordered, another
+stream, another key or an unknown key id: the entry is refused (``unauthenticated``).
+
+Keys are an ordered mapping key id -> secret: the first key signs, every listed key verifies,
+so a rotation is: add the new key second everywhere, then move it first (publishers now sign
+with it), then drop the old one once no entry signed with it remains.
+
+Signing covers authenticity and integrity of each entry, not confidentiality (values are in
+clear text), ordering, completeness or replay of a genuine entry into the same stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from agentstreams._constants import (
+    FIELD_KEY_ID,
+    FIELD_SIGNATURE,
+    SIGNATURE_DOMAIN,
+    SIGNING_KEY_MIN_BYTES,
+)
+from agentstreams.errors import InvalidArgumentError
+
+__all__ = ["SigningKeys", "StreamSigner", "StreamVerifier", "signing_keys_from"]
+
+#: A key id: letters, digits, '.', '_' and '-' (no separator, no space), 1-64 characters.
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+_B_KEY_ID: Final = FIELD_KEY_ID.encode()
+_B_SIGNATURE: Final = FIELD_SIGNATURE.encode()
+#: Hex characters of a signature.
+SIGNATURE_CHARS: Final = 64
+
+#: ``$<n>\r\n`` as bytes for small lengths (the verifier rebuilds the RESP of every field).
+_HEADS = [b"$%d\r\n" % n for n in range(4096)]
+_HEADS_LEN = len(_HEADS)
+_CRLF: Final = b"\r\n"
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def _bulk_text(text: str) -> str:
+    return f"${len(text.encode())}\r\n{text}\r\n"
+
+
+def _head(n: int) -> bytes:
+    return _HEADS[n] if n < _HEADS_LEN else b"$%d\r\n" % n
+
+
+def _secret_bytes(key_id: str, secret: object) -> bytes:
+    """A secret as bytes (str: UTF-8), refusing other types and short secrets."""
+    if isinstance(secret, str):
+        try:
+            secret = secret.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(
+                f"the secret of signing key {key_id!r} is not valid Unicode") from exc
+    if not isinstance(secret, bytes | bytearray | memoryview):
+        raise InvalidArgumentError(
+            f"the secret of signing key {key_id!r} must be bytes or str, got "
+            f"{type(secret).__name__}")
+    key = bytes(secret)
+    if len(key) < SIGNING_KEY_MIN_BYTES:
+        raise InvalidArgumentError(
+            f"the secret of signing key {key_id!r} is {len(key)} bytes; use at least "
+            f"{SIGNING_KEY_MIN_BYTES} random bytes (32 recommended)")
+    return key
+
+
+class SigningKeys:
+    """Validated signing keys: an ordered mapping key id -> secret.
+
+    The first key signs; every key verifies (rotation). Secrets are bytes or str (UTF-8) of
+    at least 16 bytes. ``repr`` never shows a secret.
+    """
+
+    __slots__ = ("_macs", "key_ids", "signing_key_id")
+
+    def __init__(self, keys: Mapping[str, bytes | str]) -> None:
+        if not isinstance(keys, Mapping):
+            raise InvalidArgumentError(
+                "signing_keys must be a mapping of key id -> secret (the first key signs, "
+                f"every key verifies), got {type(keys).__name__}")
+        if not keys:
+            raise InvalidArgumentError("signing_keys is empty: give at least one key id -> "
+                                       "secret, or None to turn signing off")
+        macs: dict[bytes, Any] = {}
+        for key_id, secret in keys.items():
+            if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
+                raise InvalidArgumentError(
+                    f"signing key id {key_id!r} is not valid: use 1-64 characters among "
+                    "letters, digits, '.', '_' and '-'")
+            key = _secret_bytes(key_id, secret)
+            # A keyed HMAC state, copied per message: saves hashing the key pads every time.
+            macs[key_id.encode()] = hmac.new(key, digestmod="sha256")
+        self._macs = macs
+        self.key_ids: tuple[str, ...] = tuple(keys)
+        self.signing_key_id: str = self.key_ids[0]
+
+    def __repr__(self) -> str:
+        return f"SigningKeys(key_ids={self.key_ids!r})"
+
+    def signer(self, stream: str) -> StreamSigner:
+        """What signs the entries written to ``stream`` (with the first key)."""
+        return StreamSigner(stream, self.signing_key_id,
+                            self._macs[self.signing_key_id.encode()])
+
+    def verifier(self, stream: str) -> StreamVerifier:
+        """What checks the entries read from ``stream`` (with any of the keys)."""
+        return StreamVerifier(stream, self._macs)
+
+
+def signing_keys_from(value: SigningKeys | Mapping[str, bytes | str] | None
+                      ) -> SigningKeys | None:
+    """``signing_keys`` as given to a constructor, validated (None: no signing)."""
+    if value is None or isinstance(value, SigningKeys):
+        return value
+    return SigningKeys(value)
+
+
+def _prefix(stream: str) -> bytes:
+    return _bulk(SIGNATURE_DOMAIN.encode()) + _bulk(stream.encode())
+
+
+class StreamSigner:
+    """Signs the entries of one stream: see the module docstring for the signed bytes."""
+
+    __slots__ = ("_kid_pair", "_mac", "_prefix", "overhead")
+
+    def __init__(self, stream: str, key_id: str, mac: Any) -> None:
+        self._prefix = _prefix(stream).decode()
+        self._kid_pair = _bulk_text(FIELD_KEY_ID) + _bulk_text(key_id)
+        self._mac = mac
+        #: Bytes ``_kid`` and ``_sig`` add to an entry (names and values): the size rule
+        #: counts them like every other field.
+        self.overhead: int = (len(FIELD_KEY_ID) + len(key_id) + len(FIELD_SIGNATURE)
+                              + SIGNATURE_CHARS)
+
+    def sign(self, nargs: int, body: str) -> tuple[int, str]:
+        r"""The encoded entry (``nargs``, RESP ``body`` of its field/value pairs) with
+        ``_kid`` and ``_sig`` appended."""
+        signed = body + self._kid_pair
+        mac = self._mac.copy()
+        mac.update((self._prefix + signed).encode())
+        return nargs + 4, f"{signed}$4\r\n_sig\r\n$64\r\n{mac.hexdigest()}\r\n"
+
+
+class StreamVerifier:
+    """Checks the entries read from one stream before anything decodes them."""
+
+    __slots__ = ("_macs", "_prefix", "stream")
+
+    def __init__(self, stream: str, macs: Mapping[bytes, Any]) -> None:
+        self.stream = stream
+        self._prefix = _prefix(stream)
+        self._macs = macs
+
+    def problem(self, fields: Mapping[bytes, bytes]) -> str | None:
+        """None when ``fields`` carry a valid signature by a known key; otherwise why not."""
+        signature = fields.get(_B_SIGNATURE)
+        key_id = fields.get(_B_KEY_ID)
+        if signature is None or key_id is None:
+            return (f"unsigned: the entry has no {FIELD_SIGNATURE}/{FIELD_KEY_ID} field, and "
+                    "this consumer accepts signed entries only")
+        base = self._macs.get(key_id)
+        if base is None:
+            return (f"signed with key id {key_id.decode(errors='replace')!r}, which is not "
+                    "among this consumer's signing keys")
+        if type(fields) is not dict or next(reversed(fields)) != _B_SIGNATURE:
+            fields = {k: v for k, v in fields.items() if k != _B_SIGNATURE}  # rare
+            drop = 0
+        else:
+            drop = 6  # _sig is last (as written): its parts are removed below
+        # The RESP bulk strings of every name and value, in order, as the publisher signed.
+        parts = [self._prefix]
+        extend = parts.extend
+        heads = _HEADS
+        for name, value in fields.items():
+            size = len(value)
+            extend((heads[len(name)] if len(name) < _HEADS_LEN else _head(len(name)), name,
+                    _CRLF, heads[size] if size < _HEADS_LEN else _head(size), value, _CRLF))
+        if drop:
+            del parts[-drop:]
+        mac = base.copy()
+        mac.update(b"".join(parts))
+        if not hmac.compare_digest(mac.hexdigest().encode(), signature):
+            return ("bad signature: the entry was changed, copied from another stream, or "
+                    "signed with another secret under this key id")
+        return None
