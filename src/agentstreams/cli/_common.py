@@ -356,6 +356,19 @@ def _setup_logging() -> None:
         root.setLevel(logging.WARNING)
 
 
+def _not_redis(exc: BaseException) -> bool:
+    """A reply that is not RESP: something other than Redis answers at that port."""
+    return isinstance(exc, redis_exc.InvalidResponse) or (
+        isinstance(exc, redis_exc.RedisError) and "protocol error" in str(exc).lower())
+
+
+def _not_redis_hint(exc: BaseException) -> str:
+    text = str(exc)
+    if '"H"' in text or "'H'" in text:
+        return "its answer starts like HTTP, so this is likely a web server or an HTTP proxy"
+    return "likely another kind of server (a database, a proxy, a TLS port) listens there"
+
+
 async def _connect(url: str) -> Redis:
     """A bytes-mode client that has answered PING."""
     settings = ConnectionSettings(url=url, connect_timeout_s=CLI_CONNECT_TIMEOUT_S,
@@ -365,6 +378,10 @@ async def _connect(url: str) -> Redis:
         await client.ping()
     except (redis_exc.RedisError, OSError) as exc:
         await client.aclose()
+        if _not_redis(exc):
+            fail(f"the service at {redact_url(url)} does not speak the Redis protocol ({exc}); "
+                 f"{_not_redis_hint(exc)}: check the host and port of --redis-url or REDIS_URL",
+                 ExitCode.UNREACHABLE)
         error = translate_error(exc)
         if isinstance(error, ConnectionLostError):
             hint = "check --redis-url or REDIS_URL and that the server is running"
@@ -399,6 +416,9 @@ def _is_denial(exc: BaseException) -> bool:
 def _exit_code_for(exc: BaseException) -> tuple[str, ExitCode]:
     if isinstance(exc, CliError):
         return exc.message, exc.code
+    if _not_redis(exc):
+        return (f"the server's answer is not the Redis protocol ({exc}); "
+                f"{_not_redis_hint(exc)}", ExitCode.UNREACHABLE)
     if isinstance(exc, redis_exc.RedisError | OSError) and not isinstance(exc, AgentStreamsError):
         exc = translate_error(exc)
     if isinstance(exc, PermissionDeniedError) or _is_denial(exc):

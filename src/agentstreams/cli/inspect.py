@@ -6,6 +6,7 @@ server. ``claim`` and ``trim`` say what they changed.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import redis.exceptions as redis_exc
@@ -21,6 +22,7 @@ from agentstreams._inspect import (
     inspect_streams,
     pending_entries,
 )
+from agentstreams._retention import HELD_PENDING, TrimResult, unacknowledged_cut
 from agentstreams._retention import trim as safe_trim
 from agentstreams._streams import to_str
 from agentstreams.cli._common import (
@@ -295,6 +297,34 @@ async def _claimable_ids(client: Redis, stream: str, group: str, target: str,
     return found[:limit]
 
 
+def _duration(ms: int) -> str:
+    """``60 s``, ``1.5 s``, ``250 ms``."""
+    return f"{ms / 1000:g} s" if ms >= 1000 else f"{ms} ms"
+
+
+async def _why_nothing(client: Redis, stream: str, group: str, target: str, idle: int,
+                       from_consumer: str | None) -> str:
+    """Why a claim without --id found nothing to take."""
+    summary: Any = await call(lambda: client.xpending(stream, group), stream=stream, group=group)
+    by_owner = {to_str(row["name"]): int(row["pending"])
+                for row in (summary.get("consumers") or [])} if isinstance(summary, dict) else {}
+    total = sum(by_owner.values())
+    if from_consumer is not None:
+        total = by_owner.get(from_consumer, 0)
+        whose = f" held by {from_consumer!r}"
+    else:
+        whose = ""
+    if total == 0:
+        return f"nothing to claim: no entry is pending in group {group!r}{whose}"
+    own = by_owner.get(target, 0) if from_consumer in (None, target) else 0
+    if own == total:
+        return (f"nothing to claim: {count_of(total, 'entry', 'entries')} pending{whose}, all "
+                f"already held by {target!r}")
+    return (f"nothing to claim: {count_of(total, 'entry', 'entries')} pending{whose}, all idle "
+            f"less than {_duration(idle)} (--min-idle-ms to take them sooner; a live consumer "
+            "may still be working on them)")
+
+
 def claim(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     group: Annotated[str, typer.Argument(help="The consumer group.")],
@@ -337,8 +367,10 @@ def claim(
             claimed.extend(to_str(x) for x in reply)  # type: ignore[arg-type]
         claimed_set = set(claimed)
         skipped = [i for i in candidates if i not in claimed_set]
+        note = None if claimed or wanted else await _why_nothing(
+            client, stream, group, consumer, idle, from_consumer)
         report = {"stream": stream, "group": group, "consumer": consumer,
-                  "min_idle_ms": idle, "claimed": claimed, "skipped": skipped}
+                  "min_idle_ms": idle, "claimed": claimed, "skipped": skipped, "note": note}
         if as_json:
             emit_json(report)
             return
@@ -347,8 +379,11 @@ def claim(
         for msg_id in claimed:
             out.print(f"  {msg_id}")
         if skipped:
-            out.print(Text(f"skipped {len(skipped)} (not pending in this group, or idle less "
-                           f"than {idle} ms): {', '.join(skipped)}"))
+            why = "not pending in this group" + (
+                f", or idle less than {_duration(idle)}" if idle else "")
+            out.print(Text(f"skipped {len(skipped)} ({why}): {', '.join(skipped)}"))
+        if note is not None:
+            out.print(Text(note, style="yellow"))
 
     run(redis_url, as_json, command)
 
@@ -356,13 +391,37 @@ def claim(
 # ------------------------------------------------------------------------------------ trim
 
 
+def held_text(result: TrimResult, kept: int) -> str:
+    """``kept 1,234 entries: group 'workers' has not read past 1700000000000-0 (3h05m ago)``."""
+    group, since = result.held_by, result.held_since_id
+    age = "" if result.held_age_ms is None else f" ({format_age(result.held_age_ms)} ago)"
+    if result.held_reason == HELD_PENDING:
+        why = f"group {group!r} has not acknowledged {since}{age}"
+    elif since in (None, "0-0"):
+        why = f"group {group!r} has not read anything yet"
+    else:
+        why = f"group {group!r} has not read past {since}{age}"
+    return f"kept {kept:,} {'entry' if kept == 1 else 'entries'} more than --maxlen: {why}"
+
+
+def _confirm(question: str, refusal: str, as_json: bool) -> None:
+    """Ask ``question`` in a terminal; elsewhere refuse with ``refusal`` (exit 2)."""
+    if not sys.stdin.isatty():
+        usage_error(refusal, as_json)
+    if not typer.confirm(question):
+        fail("nothing was changed", ExitCode.FAILURE)
+
+
 def trim_command(
     stream: Annotated[str, typer.Argument(help="The stream.")],
     maxlen: Annotated[int, typer.Option(
-        "--maxlen", min=0, help="Keep (at least) this many newest entries.")],
+        "--maxlen", min=0, help="Keep (at least) this many newest entries. Required.")],
     force: Annotated[bool, typer.Option(
-        "--force", help="Also remove entries a group has not acknowledged (they are lost).")
+        "--force", help="Also remove entries a group has not acknowledged (they are lost); "
+                        "asks first, with their count.")
     ] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="With --force: do not ask for confirmation.")] = False,
     approximate: Annotated[bool, typer.Option(
         "--approximate", help="Let the server trim whole nodes only (cheaper, less exact).")
     ] = False,
@@ -373,22 +432,38 @@ def trim_command(
 
     async def command(client: Redis) -> None:
         await require_stream(client, stream)
+        lost = 0
+        if force:
+            lost = await unacknowledged_cut(client, stream, maxlen)
+            if lost and not yes:
+                what = (f"{count_of(lost, 'entry', 'entries')} of {stream!r} that a consumer "
+                        "group has not acknowledged yet")
+                _confirm(f"--force deletes {what}; they are lost to that group. Go on?",
+                         f"trim --force would delete {what}; add --yes to confirm", as_json)
         before = int(await call(lambda: client.xlen(stream), stream=stream))
         result = await safe_trim(client, stream, maxlen, approximate=approximate, force=force)
         after = int(await call(lambda: client.xlen(stream), stream=stream))
-        report = {
+        kept = max(0, after - maxlen)
+        report: dict[str, Any] = {
             "stream": stream, "max_length": maxlen, "forced": force,
             "length_before": before, "length_after": after, "removed": result.removed,
             "floor_id": result.floor_id, "limited_by_groups": result.limited_by_groups,
+            "held_by": None if result.held_by is None else {
+                "group": result.held_by, "reason": result.held_reason,
+                "since_id": result.held_since_id, "age_ms": result.held_age_ms,
+                "kept_over_maxlen": kept},
         }
+        if force:
+            report["unacknowledged_removed"] = lost
         if as_json:
             emit_json(report)
             return
         out.print(Text(f"removed {count_of(result.removed, 'entry', 'entries')} from {stream!r}: "
                        f"{before} -> {after}"))
         if result.limited_by_groups:
-            out.print(Text(f"kept entries from {result.floor_id} on: a consumer group has not "
-                           "acknowledged them yet (--force removes them anyway; they are then "
-                           "lost to that group)", style="yellow"))
+            out.print(Text(held_text(result, kept), style="yellow"))
+            out.print(Text(f"(entries from {result.floor_id} on are kept; --force removes them "
+                           "anyway, and they are then lost to that group; a group nobody reads "
+                           "any more should be removed: XGROUP DESTROY)", style="yellow"))
 
     run(redis_url, as_json, command)

@@ -9,6 +9,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the agentstreams CLI needs its extra: pip install 'agentstreams[cli]'") \
         from exc
 
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from typer.core import TyperOption
+
 from agentstreams.cli._common import with_tls_options as tls
 from agentstreams.cli.acl import acl_command
 from agentstreams.cli.bench import bench
@@ -34,9 +40,46 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import platform
+
+        import redis
+
+        from agentstreams import __version__
+
+        typer.echo(f"agentstreams {__version__} (redis-py {redis.__version__}, Python "
+                   f"{platform.python_version()})")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False,
+) -> None:
     """agentstreams: reliable coordination for AI agents over Redis Streams."""
+
+
+_Display = Callable[[Any, Any], str | None]
+
+
+def _no_type_for_flags(display: _Display) -> _Display:
+    """Typer's help shows a type for every option, ``<bool>`` for a flag that takes no value;
+    a flag's type column stays empty."""
+
+    @functools.wraps(display)
+    def wrapper(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return None
+        return display(self, ctx)
+
+    return wrapper
+
+
+TyperOption.display_type_rich = _no_type_for_flags(  # type: ignore[method-assign,assignment]
+    TyperOption.display_type_rich)
 
 
 app.command("info")(tls(info))
