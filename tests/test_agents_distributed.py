@@ -26,7 +26,12 @@ from agents.tracing import Span, Trace
 
 from agents_support.models import RuleModel
 from agents_support.scenario import TOPIC_PREFIX, local_agents, remote_agents, triage_rule
-from agentstreams import AgentCoordinator, DeadLetterQueue, InvalidArgumentError
+from agentstreams import (
+    AgentCoordinator,
+    DeadLetterQueue,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
 from agentstreams._codec import decode_entry
 from agentstreams._events import Event
 from agentstreams.integrations.openai_agents import (
@@ -457,6 +462,27 @@ async def test_a_task_naming_a_foreign_reply_stream_is_rejected_untouched(
 
 async def _has_dead_letters(queue: DeadLetterQueue, count: int) -> bool:
     return await queue.length() >= count
+
+
+async def test_a_hosted_agents_worker_failing_stops_the_agent_worker_loudly(
+        valkey_url: str, namespace: str) -> None:
+    """An AgentWorker hosts one Worker per agent; when one of them stops on its own (here a
+    permanent error of its task), run() ends and raises it instead of idling."""
+    agents = remote_agents()
+    worker = AgentWorker(list(agents.values()), valkey_url, namespace=namespace, block_ms=200)
+    run = asyncio.create_task(worker.run(install_signal_handlers=False))
+    inner = worker.workers["research"]
+    await wait_for(lambda: _is_true(inner.running), message="the agent worker running")
+    denied = PermissionDeniedError("denied for the test", command="XREADGROUP")
+    inner._fail(denied)  # what the supervisor does with a permanent error
+    with pytest.raises(PermissionDeniedError):
+        await asyncio.wait_for(run, 10)
+    assert worker.failure is denied
+    assert not any(w.running for w in worker.workers.values())
+
+
+async def _is_true(value: bool) -> bool:
+    return value
 
 
 # ------------------------------------------------------------------------- pieces

@@ -52,7 +52,9 @@ class WorkerProcesses:
         for key, value in self.options.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
-        proc = subprocess.Popen(cmd, env=env)
+        # stderr (the worker's log) also goes to <name>.log, for tests that read what it says
+        with (self.tmp / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(cmd, env=env, stderr=log)
         deadline = time.monotonic() + 20
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -189,6 +191,39 @@ async def test_sigterm_finishes_in_flight_work_and_exits(
               "prefetched left pending for the others")
     finally:
         pool.stop_all()
+
+
+async def test_second_sigint_stops_without_waiting_for_running_handlers(
+        fault_server: LocalServer, fault_raw: aioredis.Redis, tmp_path: Path) -> None:
+    """Ctrl-C: the worker says how many handlers it waits for and that a second Ctrl-C stops
+    now; the second one is honoured, and the cut-off entries stay pending for the others."""
+    stream, record = "sigint", "sigint:handled"
+    pool = WorkerProcesses(fault_server.url, stream, record, tmp_path, handler_ms=60_000,
+                           concurrency=2, prefetch=0, visibility_ms=30_000, shutdown_s=60)
+    await fault_raw.xgroup_create(stream, "g", id="0", mkstream=True)
+    try:
+        proc = pool.spawn("int")
+        await Publisher(fault_raw, stream).publish_many(
+            [{"type": "task", "n": i} for i in range(2)])
+        await wait_for(lambda: _handled_at_least(fault_raw, f"{record}:started", 2))
+        proc.send_signal(signal.SIGINT)
+        log = tmp_path / "int.log"
+        await wait_for(lambda: _contains(log, "Ctrl-C again to stop now"),
+                       message="the worker saying what it waits for")
+        assert "waiting for 2 running handlers" in log.read_text()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5, "the second Ctrl-C was not honoured"
+        pending: Any = await fault_raw.xpending(stream, "g")
+        assert pending["pending"] == 2  # cut off: redelivered to another worker later
+        assert await fault_raw.llen(record) == 0
+    finally:
+        pool.stop_all()
+
+
+async def _contains(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text()  # noqa: ASYNC240 - a small local file
 
 
 async def test_server_restart_with_aof_loses_no_acknowledged_publish(tmp_path: Path) -> None:

@@ -307,6 +307,8 @@ class Worker:
         self.server_warnings: list[str] = []
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: a second stop request: do not wait for running handlers
+        self._force_stop = asyncio.Event()
         self._stopped = asyncio.Event()
         #: set once in-flight work is over: the acker and lease renewer may end too
         self._closing = False
@@ -477,13 +479,22 @@ class Worker:
         a worker exits non-zero instead of idling.
         """
         await serve_until_stopped(self.start, self.stop, self._stopping,
-                                  install_signal_handlers=install_signal_handlers)
+                                  install_signal_handlers=install_signal_handlers,
+                                  force_stop=lambda: self.request_stop(force=True))
         if self._failure is not None:
             raise self._failure
 
-    def request_stop(self) -> None:
-        """Ask the worker to stop (non-blocking; ``run()`` returns once it has)."""
+    def request_stop(self, *, force: bool = False) -> None:
+        """Ask the worker to stop (non-blocking; ``run()`` returns once it has). With
+        ``force``, a stop in progress stops waiting for running handlers (their entries stay
+        pending and are redelivered): what a second Ctrl-C does."""
         self._stopping.set()
+        if force:
+            self._force_stop.set()
+
+    async def wait_stop_requested(self) -> None:
+        """Return once a stop was asked for, or the worker stopped on its own (``failure``)."""
+        await self._stopping.wait()
 
     def _fail(self, exc: BaseException) -> None:
         """Stop the worker because of ``exc``; ``run()`` raises it."""
@@ -517,10 +528,19 @@ class Worker:
         self._retry_heap.clear()
         for msg_id in [m for m, f in self._in_flight.items() if not f.running]:
             self._release(msg_id)
-        if self._in_flight:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(),
-                                       timeout=max(0.0, drain_deadline - time.monotonic()))
+        if self._in_flight and not self._force_stop.is_set():
+            logger.warning("waiting for %d running handlers (up to %.0f s); Ctrl-C again to "
+                           "stop now", len(self._in_flight),
+                           max(0.0, drain_deadline - time.monotonic()), extra=self._log_extra())
+            drained = asyncio.ensure_future(self._drained.wait())
+            forced = asyncio.ensure_future(self._force_stop.wait())
+            try:
+                await asyncio.wait({drained, forced},
+                                   timeout=max(0.0, drain_deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                drained.cancel()
+                forced.cancel()
         unfinished = len(self._in_flight)
         self._closing = True
         grace_deadline = max(drain_deadline, time.monotonic()) + STOP_GRACE_S

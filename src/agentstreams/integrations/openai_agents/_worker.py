@@ -193,6 +193,7 @@ class AgentWorker:
         self._status: StatusStore | None = None
         self._events: AgentCoordinator | None = None
         self._stop_requested = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         self.workers: dict[str, Worker] = {}
         for name in self.agents:
             worker = Worker(
@@ -221,23 +222,52 @@ class AgentWorker:
                                             cap=self.events_cap,
                                             signing_keys=self.signing_keys)
         await asyncio.gather(*(w.start() for w in self.workers.values()))
+        # One hosted agent's worker stopping on its own (a misconfiguration, a task that
+        # kept failing) stops them all: run() then raises its failure.
+        self._watcher = asyncio.create_task(self._watch_workers(),
+                                            name=f"agentstreams-agent-worker-{self.name}")
         logger.info("agent worker %s hosting %s", self.name, sorted(self.agents))
+
+    async def _watch_workers(self) -> None:
+        waits = [asyncio.ensure_future(w.wait_stop_requested()) for w in self.workers.values()]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.failure is not None:
+            self._stop_requested.set()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why a hosted agent's worker stopped on its own (``run()`` raises it), or None."""
+        return next((w.failure for w in self.workers.values() if w.failure is not None), None)
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop taking hops, let running ones finish (up to the timeout), close."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         await asyncio.gather(*(w.stop(timeout_s) for w in self.workers.values()))
         if self._client is not None and self._client is not self._external:
             await self._client.aclose()
         self._client = None
 
-    def request_stop(self) -> None:
-        """Ask ``run()`` to return (non-blocking)."""
+    def request_stop(self, *, force: bool = False) -> None:
+        """Ask ``run()`` to return (non-blocking); ``force``: do not wait for running hops."""
         self._stop_requested.set()
+        if force:
+            for worker in self.workers.values():
+                worker.request_stop(force=True)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Host the agents until ``request_stop()``, SIGTERM or SIGINT."""
+        """Host the agents until ``request_stop()``, SIGTERM or SIGINT (twice: without waiting
+        for running hops). Raises what made a hosted agent's worker stop on its own."""
         await serve_until_stopped(self.start, self.stop, self._stop_requested,
-                                  install_signal_handlers=install_signal_handlers)
+                                  install_signal_handlers=install_signal_handlers,
+                                  force_stop=lambda: self.request_stop(force=True))
+        if self.failure is not None:
+            raise self.failure
 
     async def __aenter__(self) -> AgentWorker:
         await self.start()
