@@ -505,7 +505,8 @@ async def test_trim_keeps_unacknowledged_entries_unless_forced(
     human = await cli("trim", stream_name, "--maxlen", "2", url=url)
     assert "removed 0 entries" in human.out
     assert "--force" in human.out
-    forced = await cli("trim", stream_name, "--maxlen", "2", "--force", "--json", url=url)
+    forced = await cli("trim", stream_name, "--maxlen", "2", "--force", "--yes", "--json",
+                       url=url)
     assert forced.json()["length_after"] == 2
     assert await client.xlen(stream_name) == 2
 

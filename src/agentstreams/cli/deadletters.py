@@ -129,6 +129,23 @@ def _check_selection(ids: list[str], select_all: bool, where: Where | None, verb
                     "--group) or --all", as_json)
 
 
+async def _selected(queue: DeadLetterQueue, present: list[str] | None,
+                    where: Where | None) -> list[str]:
+    """The dead-letter ids a purge deletes (counted before asking): of ``present`` (None: of
+    all), those ``where`` accepts."""
+    if present is not None:
+        letters = [x for x in [await queue.get(i) for i in present] if x is not None]
+        return [x.dlq_id for x in letters if where is None or where(x)]
+    selected: list[str] = []
+    cursor = "-"
+    while True:
+        batch = await queue.list(count=500, start=cursor)
+        if not batch:
+            return selected
+        selected.extend(x.dlq_id for x in batch if where is None or where(x))
+        cursor = "(" + batch[-1].dlq_id
+
+
 async def _found(queue: DeadLetterQueue, ids: list[str]) -> tuple[list[str], list[str]]:
     """Split ``ids`` into those that exist and those that do not."""
     present: list[str] = []
@@ -281,19 +298,23 @@ def purge_command(
     wanted = list(ids or [])
     where = _filter(reason, event_type, group)
     _check_selection(wanted, select_all, where, "purge", as_json)
-    if not yes:
-        if not sys.stdin.isatty():
-            usage_error("purge deletes dead letters for good; add --yes to confirm", as_json)
-        if not typer.confirm(f"Delete these dead letters of {stream!r} for good?"):
-            raise typer.Exit(int(ExitCode.FAILURE))
 
     async def command(client: Redis) -> None:
         queue = await _open(client, stream)
         present, missing = await _found(queue, wanted)
-        if wanted and not present:
-            purged = 0
+        if wanted or where is not None:
+            selected = await _selected(queue, present if wanted else None, where)
+            count = len(selected)
         else:
-            purged = await queue.purge(present or None, where=where)
+            selected, count = None, await queue.length()
+        if count and not yes:
+            what = f"{count_of(count, 'dead letter')} of {stream!r}"
+            if not sys.stdin.isatty():
+                usage_error(f"purge would delete {what} for good; add --yes to confirm",
+                            as_json)
+            if not typer.confirm(f"Delete {what} for good?"):
+                fail("nothing was deleted", ExitCode.FAILURE)
+        purged = 0 if not count else await queue.purge(selected)
         if as_json:
             emit_json({"stream": stream, "purged": purged, "not_found": missing})
         else:
