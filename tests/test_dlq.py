@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 from agentstreams import AgentCoordinator, DeadLetter, DeadLetterQueue, MalformedEventError
 from agentstreams._codec import encode_event
 from agentstreams._connection import ConnectionSettings, create_client
-from agentstreams._dlq import dead_letter, format_error
+from agentstreams._constants import DLQ_TRACEBACK_MAX_CHARS
+from agentstreams._dlq import dead_letter, format_error, format_traceback
 from agentstreams._streams import dlq_key
 from conftest import pending_rows, stream_entries, stream_ids, xadd_raw
 
@@ -236,3 +237,23 @@ async def test_replay_writes_only_to_the_queues_own_stream(
     assert [msg_id for msg_id, _ in await stream_entries(raw, stream_name)] == [new_id]
     assert await raw.xlen(victim) == 1
     await raw.delete(victim)
+
+
+def test_a_long_traceback_keeps_its_last_part() -> None:
+    """Bounded, and cut at the start: the last lines (where it finally failed) are kept."""
+    def chain(n: int) -> None:
+        try:
+            if n == 0:
+                raise RuntimeError("the first failure")
+            chain(n - 1)
+        except Exception as exc:
+            raise ValueError(f"level {n} " + "x" * 200) from exc
+
+    try:
+        chain(60)
+    except ValueError as exc:
+        text = format_traceback(exc)
+    assert len(text) <= DLQ_TRACEBACK_MAX_CHARS
+    assert text.startswith("...\n")
+    assert text.rstrip().endswith("ValueError: level 60 " + "x" * 200)
+    assert format_traceback(RuntimeError("never raised")) == ""

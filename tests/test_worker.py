@@ -179,6 +179,10 @@ async def test_poison_event_is_dead_lettered_after_exactly_max_deliveries(
     assert letter.original_id == ids[13]
     assert letter.reason == "max_deliveries"
     assert letter.error == "ValueError: cannot process 13"
+    # The handler's traceback is kept (innermost frames: the handler's own line is there).
+    assert letter.traceback.startswith("Traceback (most recent call last):")
+    assert 'raise ValueError("cannot process 13")' in letter.traceback
+    assert letter.traceback.rstrip().endswith("ValueError: cannot process 13")
     assert letter.deliveries == 4
     assert letter.event()["n"] == 13
     # The raw entry has the documented fields beside the original ones.
@@ -187,6 +191,7 @@ async def test_poison_event_is_dead_lettered_after_exactly_max_deliveries(
     assert raw_entry[b"original_id"] == ids[13].encode()
     assert raw_entry[b"deliveries"] == b"4"
     assert raw_entry[b"type"] == b"task"
+    assert raw_entry[b"traceback"].decode() == letter.traceback
     await wait_for(lambda: _pending_is(raw, stream_name, 0), message="nothing pending")
 
 

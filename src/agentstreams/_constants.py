@@ -52,8 +52,9 @@ DLQ_FIELD_REASON: Final = "reason"
 DLQ_FIELD_ERROR: Final = "error"
 DLQ_FIELD_DELIVERIES: Final = "deliveries"
 DLQ_FIELD_DEAD_AT_MS: Final = "dead_at_ms"
-#: Prefix for dead-letter metadata, so it never collides with the original fields.
-DLQ_META_PREFIX: Final = "dlq_"
+#: The handler's traceback (the innermost part, at most DLQ_TRACEBACK_MAX_CHARS characters).
+DLQ_FIELD_TRACEBACK: Final = "traceback"
+DLQ_TRACEBACK_MAX_CHARS: Final = 8000
 
 DLQ_REASON_MAX_DELIVERIES: Final = "max_deliveries"
 DLQ_REASON_MALFORMED: Final = "malformed"
@@ -73,7 +74,6 @@ DEFAULT_CLAIM_MIN_IDLE_MS: Final = 300_000
 DEFAULT_VISIBILITY_TIMEOUT_MS: Final = 30_000
 DEFAULT_MAX_DELIVERIES: Final = 5
 DEFAULT_CONCURRENCY: Final = 16
-DEFAULT_READ_COUNT: Final = 100
 #: XAUTOCLAIM COUNT per call; the cursor is followed until it wraps to 0-0.
 AUTOCLAIM_BATCH: Final = 100
 DEFAULT_IDEMPOTENCY_WINDOW_S: Final = 24 * 3600

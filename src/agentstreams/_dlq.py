@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,18 +29,21 @@ from agentstreams._constants import (
     DLQ_FIELD_ORIGINAL_ID,
     DLQ_FIELD_ORIGINAL_STREAM,
     DLQ_FIELD_REASON,
+    DLQ_FIELD_TRACEBACK,
+    DLQ_TRACEBACK_MAX_CHARS,
 )
 from agentstreams._events import Event
 from agentstreams._streams import dlq_key, entries_from_read_reply, to_str
 from agentstreams.errors import InvalidArgumentError
 
-__all__ = ["DeadLetter", "DeadLetterQueue", "dead_letter", "format_error"]
+__all__ = ["DeadLetter", "DeadLetterQueue", "dead_letter", "format_error", "format_traceback"]
 
 logger = logging.getLogger("agentstreams.dlq")
 
 _META_FIELDS = (
     DLQ_FIELD_ORIGINAL_ID, DLQ_FIELD_ORIGINAL_STREAM, DLQ_FIELD_GROUP, DLQ_FIELD_CONSUMER,
     DLQ_FIELD_REASON, DLQ_FIELD_ERROR, DLQ_FIELD_DELIVERIES, DLQ_FIELD_DEAD_AT_MS,
+    DLQ_FIELD_TRACEBACK,
 )
 _META_BYTES = frozenset(name.encode() for name in _META_FIELDS)
 _COLLISION_PREFIX = b"_orig_"
@@ -56,9 +60,20 @@ def format_error(exc: BaseException | None) -> str:
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 
+def format_traceback(exc: BaseException | None) -> str:
+    """The traceback of ``exc`` (with its causes), cut to its innermost
+    ``DLQ_TRACEBACK_MAX_CHARS`` characters: where it failed is at the end."""
+    if exc is None or exc.__traceback__ is None:
+        return ""
+    text = "".join(traceback.format_exception(exc))
+    if len(text) <= DLQ_TRACEBACK_MAX_CHARS:
+        return text
+    return "...\n" + text[-(DLQ_TRACEBACK_MAX_CHARS - 4):]
+
+
 def _dead_letter_fields(stream: str, group: str, consumer: str, msg_id: str,
                         fields: Mapping[bytes, bytes], reason: str, error: str,
-                        deliveries: int) -> list[bytes | str]:
+                        deliveries: int, trace: str) -> list[bytes | str]:
     pairs: list[bytes | str] = [
         DLQ_FIELD_ORIGINAL_ID, msg_id,
         DLQ_FIELD_ORIGINAL_STREAM, stream,
@@ -69,6 +84,8 @@ def _dead_letter_fields(stream: str, group: str, consumer: str, msg_id: str,
         DLQ_FIELD_DELIVERIES, str(deliveries),
         DLQ_FIELD_DEAD_AT_MS, str(int(time.time() * 1000)),
     ]
+    if trace:
+        pairs += [DLQ_FIELD_TRACEBACK, trace]
     for key, value in fields.items():
         # Escape names that clash with ours, and names that look escaped already, so that
         # stripping one prefix on the way back restores every name exactly.
@@ -89,15 +106,16 @@ async def dead_letter(
     reason: str,
     error: str,
     deliveries: int,
+    trace: str = "",
 ) -> str | None:
     """Move a pending entry of ``consumer`` to the dead-letter stream and ack it, atomically,
-    keeping every original field.
+    keeping every original field (and ``trace``, a handler's traceback, when there is one).
 
     Returns the dead-letter id, or None when the entry was no longer pending for this consumer
     (another consumer claimed or acknowledged it first).
     """
     pairs = _dead_letter_fields(stream, group, consumer, msg_id, fields or {}, reason, error,
-                                deliveries)
+                                deliveries, trace)
     keys = [stream, dlq_key(stream)]
     if len(pairs) + 3 <= _SCRIPT_ARGS_MAX:
         script = client.register_script(scripts.DEAD_LETTER)
@@ -138,6 +156,8 @@ class DeadLetter:
     dead_at_ms: int
     #: The original entry's fields, exactly as they were (bytes).
     fields: dict[bytes, bytes] = field(default_factory=dict)
+    #: The failed handler's traceback (innermost part), "" when there was none.
+    traceback: str = ""
 
     @classmethod
     def from_entry(cls, dlq_id: str, raw: Mapping[bytes, bytes]) -> DeadLetter:
@@ -159,6 +179,7 @@ class DeadLetter:
             error=meta[DLQ_FIELD_ERROR],
             deliveries=int(meta[DLQ_FIELD_DELIVERIES] or 0),
             dead_at_ms=int(meta[DLQ_FIELD_DEAD_AT_MS] or 0),
+            traceback=meta[DLQ_FIELD_TRACEBACK],
             fields=original,
         )
 
@@ -173,6 +194,7 @@ class DeadLetter:
             "dlq_id": self.dlq_id, "original_id": self.original_id,
             "original_stream": self.original_stream, "group": self.group,
             "consumer": self.consumer, "reason": self.reason, "error": self.error,
+            "traceback": self.traceback,
             "deliveries": self.deliveries, "dead_at_ms": self.dead_at_ms,
             "fields": {to_str(k): to_str(v) for k, v in self.fields.items()},
         }

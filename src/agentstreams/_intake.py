@@ -85,6 +85,8 @@ class DeadLetterRequest:
     reason: str
     error: str
     deliveries: int
+    #: the failed handler's traceback, when a handler failed
+    trace: str = ""
 
 
 @dataclass(slots=True)
@@ -318,7 +320,7 @@ class Intake:
             dlq_id = await dead_letter(
                 self.client, stream=self.stream, group=self.group, consumer=self.consumer,
                 msg_id=request.msg_id, fields=request.fields, reason=request.reason,
-                error=request.error, deliveries=request.deliveries)
+                error=request.error, deliveries=request.deliveries, trace=request.trace)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -336,10 +338,12 @@ class Intake:
             return None
         self.counters.dead_lettered += 1
         self._observer().on_dead_lettered(self.stream, self.group, request.reason)
-        logger.warning("dead-lettered %s (%s after %d deliveries): %s", request.msg_id,
+        logger.warning("dead-lettered %s (%s after %d deliveries): %s%s", request.msg_id,
                        request.reason, request.deliveries, request.error,
+                       f"\n{request.trace}" if request.trace else "",
                        extra=self._log_extra(msg_id=request.msg_id, dlq_id=dlq_id,
-                                             event_type=event_type))
+                                             event_type=event_type,
+                                             traceback=request.trace or None))
         return dlq_id
 
     async def dead_letter_all(self, requests: Sequence[DeadLetterRequest]) -> None:

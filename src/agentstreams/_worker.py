@@ -60,7 +60,7 @@ from agentstreams._constants import (
     RECONNECT_BACKOFF_CAP_S,
     SOCKET_TIMEOUT_MARGIN_S,
 )
-from agentstreams._dlq import format_error
+from agentstreams._dlq import format_error, format_traceback
 from agentstreams._events import Event, EventType
 from agentstreams._intake import DeadLetterRequest, Intake
 from agentstreams._lifecycle import serve_until_stopped
@@ -893,7 +893,8 @@ class Worker:
             try:
                 await self._intake.dead_letter(
                     DeadLetterRequest(event.msg_id, flight.fields, reason, text,
-                                      event.delivery_count), event_type=event.type)
+                                      event.delivery_count, format_traceback(error)),
+                    event_type=event.type)
             finally:
                 self._release(event.msg_id)
             return
@@ -904,7 +905,7 @@ class Worker:
                         self.retry_delay_s * (2 ** (event.delivery_count - 1)))
             logger.warning("handler for %s %s failed (attempt %d of %d): %s; retrying in %.2fs",
                            event.type, event.msg_id, event.delivery_count, self.max_deliveries,
-                           format_error(error), delay,
+                           format_error(error), delay, exc_info=error,
                            extra=self._log_extra(msg_id=event.msg_id, event_type=event.type))
         self.stats.retried += 1
         self._obs().on_retried(self.stream, self.group, event.type)
