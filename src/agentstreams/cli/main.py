@@ -28,6 +28,7 @@ from agentstreams.cli.demo import demo
 from agentstreams.cli.inspect import claim, info, pending, trim_command
 from agentstreams.cli.metrics_cmd import metrics
 from agentstreams.cli.tail import tail_command
+from agentstreams.cli.worker_cmd import worker_command
 
 __all__ = ["app", "main"]
 
@@ -88,6 +89,7 @@ app.command("claim")(tls(claim))
 app.command("trim")(tls(trim_command))
 app.command("tail")(tls(tail_command))
 app.command("metrics")(tls(metrics))
+app.command("worker")(worker_command)
 app.command("acl")(acl_command)
 app.command("bench")(tls(bench))
 app.command("demo")(tls(demo))
