@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -628,20 +629,24 @@ async def test_worker_without_handlers_refuses_to_start() -> None:
         await worker.start()
 
 
+@pytest.mark.parametrize("development", [False, True])
 async def test_probe_warnings_are_logged_once_per_process_and_server(
-        caplog: pytest.LogCaptureFixture) -> None:
-    with LocalServer("valkey") as server:
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, development: bool) -> None:
+    """Once per process and server, not once per worker; and a development server this
+    library started itself (its own data directory) is not worth a warning at all."""
+    data_dir = None if development else tmp_path
+    with LocalServer("valkey", data_dir=data_dir) as server:
         pool = [Worker(server.url, "s", "g", f"w{i}", probe_server=True, block_ms=100)
                 for i in range(3)]
         for worker in pool:
             worker.add_handler(_noop)
-        with caplog.at_level("WARNING", logger="agentstreams.worker"):
+        with caplog.at_level("DEBUG", logger="agentstreams.worker"):
             for worker in pool:
                 await worker.start()
             for worker in pool:
                 await worker.stop(timeout_s=2)
     lines = [r for r in caplog.records if "appendonly=no" in r.getMessage()]
-    assert len(lines) == 1
+    assert [r.levelname for r in lines] == ["DEBUG" if development else "WARNING"]
     assert all(any("appendonly=no" in t for t in w.server_warnings) for w in pool)
 
 

@@ -56,6 +56,10 @@ DLQ_FIELD_DEAD_AT_MS: Final = "dead_at_ms"
 DLQ_FIELD_TRACEBACK: Final = "traceback"
 DLQ_TRACEBACK_MAX_CHARS: Final = 8000
 
+#: Data directories of the development servers ``agentstreams.server.LocalServer`` starts
+#: begin with this: a worker does not warn about their (deliberately) volatile settings.
+LOCAL_SERVER_DIR_PREFIX: Final = "agentstreams-dev-"
+
 DLQ_REASON_MAX_DELIVERIES: Final = "max_deliveries"
 DLQ_REASON_MALFORMED: Final = "malformed"
 DLQ_REASON_REJECTED: Final = "rejected"

@@ -338,8 +338,9 @@ class Intake:
             return None
         self.counters.dead_lettered += 1
         self._observer().on_dead_lettered(self.stream, self.group, request.reason)
-        logger.warning("dead-lettered %s (%s after %d deliveries): %s%s", request.msg_id,
-                       request.reason, request.deliveries, request.error,
+        logger.warning("dead-lettered %s (%s after %d %s): %s%s", request.msg_id,
+                       request.reason, request.deliveries,
+                       "delivery" if request.deliveries == 1 else "deliveries", request.error,
                        f"\n{request.trace}" if request.trace else "",
                        extra=self._log_extra(msg_id=request.msg_id, dlq_id=dlq_id,
                                              event_type=event_type,

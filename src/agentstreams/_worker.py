@@ -32,6 +32,7 @@ import contextlib
 import heapq
 import inspect
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -56,6 +57,7 @@ from agentstreams._constants import (
     DEFAULT_VISIBILITY_TIMEOUT_MS,
     DLQ_REASON_MAX_DELIVERIES,
     DLQ_REASON_REJECTED,
+    LOCAL_SERVER_DIR_PREFIX,
     RECONNECT_BACKOFF_BASE_S,
     RECONNECT_BACKOFF_CAP_S,
     SOCKET_TIMEOUT_MARGIN_S,
@@ -132,25 +134,48 @@ _SERVER_WARNINGS_LOGGED: set[tuple[str, str]] = set()
 
 @dataclass(slots=True)
 class WorkerStats:
-    """Counters since the worker started."""
+    """Counters since the worker started.
 
+    Every entry read is ``delivered`` once per read (a redelivery counts again, a retry of an
+    entry still held here does not); each handler run ends ``succeeded`` or ``failed``. A
+    failed run is ``retried`` or dead-lettered. ``acked`` counts XACKs of succeeded runs and of
+    entries settled without a run (``unhandled`` types, ``lost`` entries); dead letters are
+    acknowledged by their own move. So, once the worker is idle, ``acked`` is ``succeeded +
+    unhandled`` (plus lost entries it acknowledged), and ``failed`` is ``retried`` plus the
+    runs that were dead-lettered; ``dead_lettered`` also counts entries that never ran
+    (``malformed``, ``unauthenticated``, too many deliveries).
+    """
+
+    #: entries read from the stream (first deliveries, own pending re-reads, claims)
     delivered: int = 0
+    #: entries acknowledged (XACK)
     acked: int = 0
+    #: handler runs that returned
     succeeded: int = 0
+    #: handler runs that raised (retried or dead-lettered)
     failed: int = 0
+    #: failed runs scheduled for another delivery
     retried: int = 0
+    #: entries moved to the dead-letter stream (failed runs and entries that never ran)
     dead_lettered: int = 0
     #: dead-letter moves that failed for now (the entry stayed pending and comes back)
     dead_letter_failures: int = 0
+    #: entries that could not be decoded (dead-lettered as ``malformed``)
     malformed: int = 0
     #: entries refused by signature verification (dead-lettered as ``unauthenticated``)
     unauthenticated: int = 0
+    #: events of a type no handler takes (acknowledged without running)
     unhandled: int = 0
+    #: entries taken over from consumers that held them past the visibility timeout
     claimed: int = 0
+    #: pending entries deleted or trimmed before anyone acknowledged them
     lost: int = 0
+    #: times the reader lost its connection
     reconnects: int = 0
+    #: lease renewals of running handlers' entries, and renewals that found the entry gone
     leases_renewed: int = 0
     leases_lost: int = 0
+    #: consumers removed from the group (idle for long and owning nothing)
     consumers_removed: int = 0
     #: background tasks restarted after an unexpected exception
     task_restarts: int = 0
@@ -636,6 +661,7 @@ class Worker:
         try:
             appendonly = await self.client.config_get("appendonly")
             policy = await self.client.config_get("maxmemory-policy")
+            directory = to_str(first_field(await self.client.config_get("dir"), "dir"))
         except Exception as exc:  # CONFIG may be forbidden by ACLs or a managed service
             logger.debug("could not probe the server configuration: %s", exc,
                          extra=self._log_extra())
@@ -653,6 +679,9 @@ class Worker:
                 f"the server's maxmemory-policy is {eviction}: under memory pressure it may "
                 "evict the stream and its consumer groups. Use 'noeviction'.")
         self.server_warnings = warnings
+        # A development server this library started (``agentstreams.server``, the demo, the
+        # examples) is volatile on purpose: no need to alarm anyone about it.
+        development = os.path.basename(directory).startswith(LOCAL_SERVER_DIR_PREFIX)
         # Many workers in one process (an AgentWorker hosts one per agent) share a server:
         # say each thing once per process and server, not once per worker.
         kwargs = self.client.connection_pool.connection_kwargs
@@ -660,7 +689,9 @@ class Worker:
         for text in warnings:
             if (server, text) not in _SERVER_WARNINGS_LOGGED:
                 _SERVER_WARNINGS_LOGGED.add((server, text))
-                logger.warning("%s", text, extra=self._log_extra())
+                logger.log(logging.DEBUG if development else logging.WARNING, "%s%s", text,
+                           " (a development server started by agentstreams: fine here)"
+                           if development else "", extra=self._log_extra())
 
     # ---------------------------------------------------------------- capacity
 

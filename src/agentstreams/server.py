@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from agentstreams._constants import LOCAL_SERVER_DIR_PREFIX
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError
 
 __all__ = ["LocalServer", "ServerStartError", "answers_ping", "find_free_port", "valkey_binary"]
@@ -90,7 +91,8 @@ class LocalServer:
         self.host = "127.0.0.1"
         self.port = port or find_free_port()
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"agentstreams-{kind}-"))
+        self.data_dir = Path(data_dir
+                             or tempfile.mkdtemp(prefix=f"{LOCAL_SERVER_DIR_PREFIX}{kind}-"))
         self.unix_socket_path = str(self.data_dir / "server.sock") if unix_socket else None
         self.config: dict[str, str] = {
             "bind": self.host,
