@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
+import re
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any
 
 import typer
@@ -51,6 +53,24 @@ MAX_VALUE_CHARS = 200
 #: Largest sequence number of a stream id: the predecessor of ``ms-0`` is ``(ms-1)-MAX_SEQ``.
 MAX_SEQ = 2**64 - 1
 _SHOWN_APART = (FIELD_TYPE, FIELD_SESSION_ID, FIELD_TIMESTAMP)
+#: The field agent runs' events carry (``agentstreams.integrations.openai_agents``: the hooks'
+#: lifecycle events and the ``state_changed`` transitions).
+FIELD_RUN_ID = "run_id"
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_SINCE_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+
+
+def parse_since(value: str) -> tuple[int | None, int | None]:
+    """``--since``: (milliseconds ago, None) for ``10m``/``2h``/``30s``/``1d``/``500ms``, or
+    (None, epoch ms) for an ISO time (``2026-11-26T01:28``; UTC unless it has an offset).
+    Raises ValueError."""
+    match = _SINCE_RE.match(value.strip())
+    if match:
+        return int(float(match.group(1)) * _UNITS_MS[match.group(2)]), None
+    moment = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return None, int(moment.timestamp() * 1000)
 
 
 @contextlib.asynccontextmanager
@@ -100,10 +120,12 @@ def _value_text(value: Any) -> str:
 class _Printer:
     """Decodes, filters and prints entries; counts what it printed."""
 
-    def __init__(self, stream: str, types: set[str], session: str | None, as_json: bool) -> None:
+    def __init__(self, stream: str, types: set[str], session: str | None, as_json: bool,
+                 run_id: str | None = None) -> None:
         self.stream = stream
         self.types = types
         self.session = session
+        self.run_id = run_id
         self.as_json = as_json
         self.printed = 0
 
@@ -114,14 +136,16 @@ class _Printer:
             event = decode_entry(msg_id, fields or {}, stream=self.stream,
                                  max_event_bytes=1 << 62)
         except MalformedEventError as exc:
-            if self.types or self.session is not None:
-                return  # a filter asks for a type or session; a malformed entry has neither
+            if self.types or self.session is not None or self.run_id is not None:
+                return  # a filter asks for a type, session or run; a malformed entry has none
             self._malformed(msg_id, added_ms, exc)
             return
         if self.types and event.type not in self.types:
             return
         if self.session is not None and (event.session_id is None
                                          or str(event.session_id) != self.session):
+            return
+        if self.run_id is not None and str(event.data.get(FIELD_RUN_ID)) != self.run_id:
             return
         self.printed += 1
         if self.as_json:
@@ -160,6 +184,15 @@ class _Printer:
         out.print(line, soft_wrap=True)
 
 
+async def _since_cursor(client: Redis, since: tuple[int | None, int | None]) -> str:
+    """The id just before the first entry added at or after ``since`` (server clock)."""
+    ago, at = since
+    if ago is not None:
+        seconds, micros = await call(client.time)
+        at = int(seconds) * 1000 + int(micros) // 1000 - ago
+    return id_before(f"{max(0, at or 0)}-0")
+
+
 async def _start_cursor(client: Redis, stream: str, start: str | None,
                         printer: _Printer) -> str:
     """Where following begins; ``-N`` prints the last N entries first."""
@@ -177,6 +210,23 @@ async def _start_cursor(client: Redis, stream: str, start: str | None,
     return to_str(first_field(info, "last-generated-id")) or "0-0"
 
 
+async def _history(client: Redis, stream: str, cursor: str, printer: _Printer,
+                   done: Callable[[], bool]) -> None:
+    """Print what the stream holds after ``cursor`` up to its newest entry now, then return."""
+    info = await call(lambda: client.xinfo_stream(stream), stream=stream)
+    end = to_str(first_field(info, "last-generated-id")) or "0-0"
+    while not done() and stream_id_key(cursor) < stream_id_key(end):
+        rows = await call(lambda c=cursor: client.xrange(  # type: ignore[misc]
+            stream, min="(" + c, max=end, count=READ_BATCH), stream=stream)
+        if not rows:
+            return
+        for msg_id, fields in entries_from_read_reply([(stream, rows)]):
+            cursor = msg_id
+            printer.show(msg_id, fields)
+            if done():
+                return
+
+
 def tail_command(
     stream: Annotated[str, typer.Argument(help="The stream to follow.")],
     types: Annotated[list[str] | None, typer.Option(
@@ -186,6 +236,15 @@ def tail_command(
     start: Annotated[str | None, typer.Option(
         "--from", help="ID: start at this entry id; -N: the last N entries, then follow. "
                        "Default: only new entries.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Start with the entries added in the last 10m, 2h, 30s, 1d (server "
+                        "clock), or since an ISO time (UTC unless it has an offset).")] = None,
+    until_now: Annotated[bool, typer.Option(
+        "--until-now", help="History only: print what the stream holds (from --from/--since, "
+                            "else from the beginning) up to its newest entry, then exit.")
+    ] = False,
+    run_id: Annotated[str | None, typer.Option(
+        "--run", help="Only events of this agent run (their run_id field).")] = None,
     count: Annotated[int | None, typer.Option(
         "--count", min=1, help="Stop after printing this many events.")] = None,
     timeout_s: Annotated[float | None, typer.Option(
@@ -193,12 +252,24 @@ def tail_command(
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     as_json: JsonOption = False,
 ) -> None:
-    """Follow events live, one readable line each (JSON lines with --json); Ctrl-C stops."""
+    """Follow events live, one readable line each (JSON lines with --json); Ctrl-C stops.
+
+    --until-now prints the history instead and exits.
+    """
     if start is not None and start != "$" and not (
             (start.startswith("-") and start[1:].isdigit()) or is_stream_id(start)):
         usage_error(f"--from {start!r} is neither a stream id (MS-SEQ) nor -N (last N entries)",
                     as_json)
-    printer = _Printer(stream, set(types or []), session, as_json)
+    since_at: tuple[int | None, int | None] | None = None
+    if since is not None:
+        if start is not None:
+            usage_error("give either --from or --since, not both", as_json)
+        try:
+            since_at = parse_since(since)
+        except ValueError:
+            usage_error(f"--since {since!r} is neither a duration (30s, 10m, 2h, 1d) nor an ISO "
+                        "time (2026-11-26T01:28:00)", as_json)
+    printer = _Printer(stream, set(types or []), session, as_json, run_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def done() -> bool:
@@ -207,7 +278,15 @@ def tail_command(
 
     async def command(client: Redis) -> None:
         await require_stream(client, stream)
-        cursor = await _start_cursor(client, stream, start, printer)
+        if since_at is not None:
+            cursor = await _since_cursor(client, since_at)
+        elif until_now and start is None:
+            cursor = "0-0"
+        else:
+            cursor = await _start_cursor(client, stream, start, printer)
+        if until_now:
+            await _history(client, stream, cursor, printer, done)
+            return
         if done():
             return
         async with _ctrl_c() as stopped:
