@@ -496,3 +496,26 @@ async def test_breaking_out_leaves_the_event_pending_for_a_restart(
     assert [e["_msg_id"] for e in received] == ids
     entries = dict(await stream_entries(raw, stream_name))
     assert received[0]["_event_id"] == entries[ids[0]][b"_eid"].decode()
+
+
+async def test_an_event_acknowledged_before_leaving_does_not_come_back(
+        make_coordinator: MakeCoordinator, raw: aioredis.Redis, stream_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The documented way to leave a subscription after finishing an event (a caller that
+    found its answer): ack it, then break. Without the ack, the log says what will happen."""
+    consumer = make_coordinator(consumer_group="g", consumer_name="w")
+    await consumer.initialize()
+    ids = [await consumer.publish_agent_started("a", "s", str(i)) for i in range(2)]
+    async with aclosing(consumer.subscribe(timeout_ms=300)) as events:
+        async for event in events:
+            assert await consumer.ack(event["_msg_id"]) == 1
+            break
+    again = make_coordinator(consumer_group="g", consumer_name="w")
+    with caplog.at_level("INFO", logger="agentstreams.coordinator"):
+        async with aclosing(again.subscribe(timeout_ms=300)) as events:
+            async for event in events:
+                assert event["_msg_id"] == ids[1]  # the acknowledged one is not redelivered
+                break
+    [record] = [r for r in caplog.records if "stays pending" in r.getMessage()]
+    assert ids[1] in record.getMessage()
+    assert [r["message_id"] for r in await pending_rows(raw, stream_name, "g")] == [ids[1]]

@@ -349,7 +349,11 @@ class AgentCoordinator:
         max_events: int | None = None,
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield events as dicts carrying ``_msg_id``; each is acknowledged when you ask for
-        the next one (an event you never got past stays pending and comes back).
+        the next one, or when the loop ends by ``max_events`` or ``timeout_ms``.
+
+        Leaving the loop on an event (``break``, ``return``, an exception) leaves that event
+        pending: it comes back first to this consumer (a crash does the same; nothing is
+        lost). Done with it? ``await coordinator.ack(event["_msg_id"])`` before leaving.
 
         This consumer's own pending entries (from before a restart) come first. ``max_events``
         of 0 yields nothing, None means no limit; with a limit, the loop also ends after
@@ -425,7 +429,17 @@ class AgentCoordinator:
                 if wanted is not None and event.type not in wanted:
                     await ack(client, self._stream_name, group, [event.msg_id])
                     continue
-                yield event.to_dict()
+                try:
+                    yield event.to_dict()
+                except GeneratorExit:
+                    # The loop was left on this event (break, return, an exception): it stays
+                    # pending. Acknowledging here could lose an event whose processing failed;
+                    # a caller that is done with it says so with ack() before leaving.
+                    logger.info("subscription left on %s before asking for the next event: it "
+                                "stays pending and comes back first to %r (ack() it before "
+                                "leaving if it is done)", event.msg_id, self._consumer_name,
+                                extra=self._log_extra(group, msg_id=event.msg_id))
+                    raise
                 await self._ack_with_retry(client, group, event.msg_id)
                 yielded += 1
                 if max_events is not None and yielded >= max_events:
