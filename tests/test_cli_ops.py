@@ -9,7 +9,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,8 +18,18 @@ from agentstreams import Publisher, TrimResult
 from agentstreams._connection import ConnectionSettings, create_client
 from agentstreams._retention import trim, unacknowledged_cut
 from agentstreams._streams import dlq_key
+from agentstreams.server import LocalServer
 from test_cli import CLI, CLI_TIMEOUT_S, GROUP, Result, cli, seed
-from test_cli import valkey as valkey  # noqa: F401  (the fixture)
+
+
+@pytest.fixture
+async def valkey(valkey_server: LocalServer, stream_name: str) -> AsyncIterator[
+        tuple[str, aioredis.Redis]]:
+    """(URL, client) of the embedded Valkey; the test's keys are deleted afterwards."""
+    client = aioredis.Redis.from_url(valkey_server.url)
+    yield valkey_server.url, client
+    await client.delete(stream_name, dlq_key(stream_name))
+    await client.aclose()
 
 
 async def cli_tty(*args: str, url: str, answer: str) -> Result:
@@ -96,9 +106,11 @@ async def test_trim_api_returns_the_holding_group(valkey: tuple[str, aioredis.Re
     lib = create_client(ConnectionSettings(url=url))
     try:
         result = await trim(lib, stream_name, 2, approximate=False)
-        assert result == TrimResult(2, f"{ids[1].split('-')[0]}-{int(ids[1].split('-')[1]) + 1}",
-                                    True, "idle", "unread", ids[1], result.held_age_ms)
-        assert result.held_age_ms is not None and 0 <= result.held_age_ms < 60_000
+        ms, seq = ids[1].split("-")
+        assert result == TrimResult(2, f"{ms}-{int(seq) + 1}", True, "idle", "unread", ids[1],
+                                    result.held_age_ms)
+        assert result.held_age_ms is not None
+        assert 0 <= result.held_age_ms < 60_000
         assert await unacknowledged_cut(lib, stream_name, 2) == 2
         unlimited = await trim(lib, stream_name, 10, approximate=False)
         assert unlimited.held_by is None
@@ -115,7 +127,8 @@ async def test_forced_trim_asks_with_the_count_unless_yes(valkey: tuple[str, aio
     await client.xack(stream_name, GROUP, *ids[:4])  # 4, 5 pending; 6..9 unread
     refused = await cli("trim", stream_name, "--maxlen", "2", "--force", url=url)
     assert refused.code == 2
-    assert "would delete 4 entries" in refused.err and "--yes" in refused.err, refused.err
+    assert "would delete 4 entries" in refused.err, refused.err
+    assert "--yes" in refused.err
     assert await client.xlen(stream_name) == 10
     declined = await cli_tty("trim", stream_name, "--maxlen", "2", "--force", url=url,
                              answer="n")
@@ -236,3 +249,33 @@ async def test_version_and_help_without_type_of_flags() -> None:
     assert "--force" in help_text.out
     assert "<bool>" not in help_text.out
     assert "<int" in help_text.out or "INTEGER" in help_text.out or "int" in help_text.out
+
+
+# ------------------------------------------------------------------------------------ pending
+
+
+async def test_pending_ack_gone_acknowledges_exactly_the_deleted(
+        valkey: tuple[str, aioredis.Redis], stream_name: str) -> None:
+    url, client = valkey
+    ids = await seed(client, stream_name)  # pending: started, handoff (r-1), weather (r-2)
+    await client.xdel(stream_name, ids.handoff, ids.weather)
+    shown = await cli("pending", stream_name, GROUP, url=url)
+    assert shown.out.count("(deleted)") == 2, shown.out
+    refused = await cli("pending", stream_name, GROUP, "--ack-gone", url=url)
+    assert refused.code == 2
+    assert "would acknowledge 2 pending entries" in refused.err, refused.err
+    assert (await client.xpending(stream_name, GROUP))["pending"] == 3
+    one = await cli("pending", stream_name, GROUP, "--ack-gone", "--consumer", "researcher-2",
+                    "--yes", "--json", url=url)
+    assert one.code == 0, one.err
+    assert one.json()["gone"] == [ids.weather]
+    assert one.json()["acknowledged"] == 1
+    asked = await cli_tty("pending", stream_name, GROUP, "--ack-gone", url=url, answer="y")
+    assert asked.code == 0, asked.err
+    assert "Acknowledge 1 pending entry in group" in asked.out, asked.out
+    assert f"acknowledged 1 of 1 pending entry in group '{GROUP}'" in asked.out
+    rows = await client.xpending_range(stream_name, GROUP, min="-", max="+", count=10)
+    assert [r["message_id"].decode() for r in rows] == [ids.started]  # the live one stays
+    again = await cli("pending", stream_name, GROUP, "--ack-gone", url=url)
+    assert again.code == 0
+    assert "has lost its stream entry" in again.out

@@ -241,6 +241,12 @@ def pending(
         "--min-idle-ms", min=0, help="Only entries idle at least this long.")] = 0,
     count: Annotated[int, typer.Option("--count", min=1,
                                        help="Show at most this many entries.")] = 50,
+    ack_gone: Annotated[bool, typer.Option(
+        "--ack-gone", help="Acknowledge the pending entries whose stream entry is gone "
+                           "(shown as (deleted): deleted or trimmed), so they stop counting; "
+                           "asks first unless --yes.")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="With --ack-gone: do not ask for confirmation.")] = False,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     as_json: JsonOption = False,
 ) -> None:
@@ -248,6 +254,9 @@ def pending(
 
     async def command(client: Redis) -> None:
         await require_group(client, stream, group)
+        if ack_gone:
+            await _ack_gone(client, stream, group, consumer, yes, as_json)
+            return
         report = await pending_entries(client, stream, group, count=count, consumer=consumer,
                                        min_idle_ms=min_idle_ms)
         if as_json:
@@ -274,6 +283,55 @@ def pending(
             out.print(f"(showing {len(report.entries)}; --count to see more)")
 
     run(redis_url, as_json, command)
+
+
+async def gone_pending_ids(client: Redis, stream: str, group: str,
+                           consumer: str | None = None) -> list[str]:
+    """Pending ids of ``group`` (of ``consumer``) whose stream entry no longer exists."""
+    gone: list[str] = []
+    start = "-"
+    while True:
+        rows = await call(lambda s=start: client.xpending_range(  # type: ignore[misc]
+            stream, group, min=s, max="+", count=CLAIM_BATCH, consumername=consumer),
+            stream=stream, group=group)
+        ids = [to_str(row["message_id"]) for row in rows]
+        if ids:
+            pipe = client.pipeline(transaction=False)
+            for msg_id in ids:
+                pipe.xrange(stream, min=msg_id, max=msg_id, count=1)
+            found = await call(lambda p=pipe: p.execute(), stream=stream)  # type: ignore[misc]
+            gone.extend(msg_id for msg_id, entry in zip(ids, found, strict=True) if not entry)
+        if len(rows) < CLAIM_BATCH:
+            return gone
+        start = "(" + ids[-1]
+
+
+async def _ack_gone(client: Redis, stream: str, group: str, consumer: str | None, yes: bool,
+                    as_json: bool) -> None:
+    gone = await gone_pending_ids(client, stream, group, consumer)
+    whose = f" of consumer {consumer!r}" if consumer else ""
+    what = (f"{count_of(len(gone), 'pending entry', 'pending entries')}{whose} in group "
+            f"{group!r} of {stream!r} whose stream entry is gone")
+    acked = 0
+    if gone:
+        if not yes:
+            _confirm(f"Acknowledge {what}?", f"--ack-gone would acknowledge {what}; add --yes "
+                     "to confirm", as_json)
+        for start in range(0, len(gone), CLAIM_BATCH):
+            batch = gone[start:start + CLAIM_BATCH]
+            acked += int(await call(lambda b=batch: client.xack(  # type: ignore[misc]
+                stream, group, *b), stream=stream, group=group))
+    if as_json:
+        emit_json({"stream": stream, "group": group, "consumer": consumer, "gone": gone,
+                   "acknowledged": acked})
+        return
+    if not gone:
+        out.print(Text(f"no pending entry{whose} in group {group!r} of {stream!r} has lost its "
+                       "stream entry"))
+        return
+    out.print(Text(f"acknowledged {acked} of {what} (deleted or trimmed)"))
+    for msg_id in gone:
+        out.print(f"  {msg_id}")
 
 
 # ------------------------------------------------------------------------------------ claim
