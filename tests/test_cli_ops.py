@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from agentstreams import Publisher, TrimResult
 from agentstreams._connection import ConnectionSettings, create_client
 from agentstreams._retention import trim, unacknowledged_cut
-from agentstreams._streams import dlq_key
+from agentstreams._streams import dlq_key, to_str
 from agentstreams.server import LocalServer
 from test_cli import CLI, CLI_TIMEOUT_S, GROUP, Result, cli, seed
 
@@ -275,7 +275,7 @@ async def test_pending_ack_gone_acknowledges_exactly_the_deleted(
     assert "Acknowledge 1 pending entry in group" in asked.out, asked.out
     assert f"acknowledged 1 of 1 pending entry in group '{GROUP}'" in asked.out
     rows = await client.xpending_range(stream_name, GROUP, min="-", max="+", count=10)
-    assert [r["message_id"].decode() for r in rows] == [ids.started]  # the live one stays
+    assert [to_str(r["message_id"]) for r in rows] == [ids.started]  # the live one stays
     again = await cli("pending", stream_name, GROUP, "--ack-gone", url=url)
     assert again.code == 0
     assert "has lost its stream entry" in again.out
