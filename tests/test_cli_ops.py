@@ -279,3 +279,35 @@ async def test_pending_ack_gone_acknowledges_exactly_the_deleted(
     again = await cli("pending", stream_name, GROUP, "--ack-gone", url=url)
     assert again.code == 0
     assert "has lost its stream entry" in again.out
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+async def test_metrics_json_prints_one_scrape_of_the_matching_streams(
+        valkey: tuple[str, aioredis.Redis], stream_name: str) -> None:
+    url, client = valkey
+    await seed(client, stream_name)
+    other = f"{stream_name}-other"
+    await client.xadd(other, {"type": "x"})
+    try:
+        result = await cli("metrics", "--json", "--match", f"{stream_name}*", url=url)
+        assert result.code == 0, result.err
+        scrape = result.json()["metrics"]
+        assert scrape["agentstreams_up"] == [{"labels": {}, "value": 1.0}]
+        lengths = {s["labels"]["stream"]: s["value"]
+                   for s in scrape["agentstreams_stream_length"]}
+        assert lengths == {stream_name: 5, other: 1}
+        narrow = (await cli("metrics", "--json", "--match", other, url=url)).json()["metrics"]
+        assert [s["labels"]["stream"] for s in narrow["agentstreams_stream_length"]] == [other]
+        pending = {(s["labels"]["stream"], s["labels"]["group"]): s["value"]
+                   for s in scrape["agentstreams_consumer_group_pending"]}
+        assert pending == {(stream_name, GROUP): 3, (stream_name, "writers"): 0}
+    finally:
+        await client.delete(other)
+    down = await cli("metrics", "--json", url="redis://127.0.0.1:1")
+    assert down.code == 3
+    assert down.json()["metrics"]["agentstreams_up"][0]["value"] == 0
+    no_port = await cli("metrics", url=url)
+    assert no_port.code == 2
+    assert "--port is required" in no_port.err

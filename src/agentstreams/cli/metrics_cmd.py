@@ -7,24 +7,55 @@ that is down is reported as ``agentstreams_up 0``, not as a failed scrape.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from agentstreams._connection import redact_url
+from agentstreams._connection import create_client, redact_url
 from agentstreams._constants import DEFAULT_INSPECT_MAX_STREAMS, DEFAULT_REDIS_URL
-from agentstreams.cli._common import ExitCode
+from agentstreams._inspect import inspect_server
+from agentstreams.cli._common import ExitCode, emit_json, usage_error
 from agentstreams.errors import AgentStreamsError
 
 __all__ = ["metrics"]
 
 
+def _matching(base: type[Any], match: str | None) -> type[Any]:
+    """The collector class, reporting only streams whose name matches ``match`` (a glob, as
+    ``info --match``) when given."""
+    if match is None:
+        return base
+
+    class MatchingCollector(base):  # type: ignore[misc]
+        async def _scrape(self) -> Any:
+            client = create_client(self._settings)
+            try:
+                async with asyncio.timeout(self.scrape_timeout_s):
+                    return await inspect_server(client, match=match,
+                                                max_streams=self.max_streams)
+            finally:
+                await client.aclose()
+
+    return MatchingCollector
+
+
+def _scrape_json(collector: Any) -> dict[str, Any]:
+    """One scrape as JSON: {metric name: [{"labels": {...}, "value": v}, ...]}."""
+    result: dict[str, Any] = {}
+    for family in collector.collect():
+        result[family.name] = [{"labels": dict(sample.labels), "value": sample.value}
+                               for sample in family.samples]
+    return result
+
+
 def metrics(
-    port: Annotated[int, typer.Option(
+    port: Annotated[int | None, typer.Option(
         "--port", min=0, max=65535,
-        help="Port of the /metrics endpoint (0 picks a free one and prints it).")],
+        help="Port of the /metrics endpoint (0 picks a free one and prints it). Required "
+             "unless --json.")] = None,
     addr: Annotated[str, typer.Option(
         "--addr", help="Address to bind; 0.0.0.0 lets other hosts scrape.")] = "127.0.0.1",
     redis_url: Annotated[str, typer.Option(
@@ -37,11 +68,21 @@ def metrics(
         "--max-streams", min=1,
         help="Without --stream: report at most this many streams (the first by name).")
     ] = DEFAULT_INSPECT_MAX_STREAMS,
+    match: Annotated[str | None, typer.Option(
+        "--match", help="Without --stream: only streams whose name matches this glob.")
+    ] = None,
     duration_s: Annotated[float | None, typer.Option(
         "--duration-s", min=0.0,
         help="Stop after this many seconds (default: serve until Ctrl-C).")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Scrape once, print the metrics as JSON and exit (no server; exit 3 "
+                       "when the server cannot be read).")] = False,
 ) -> None:
     """Serve consumer lag, pending entries and stream lengths of a server for Prometheus."""
+    if streams and match is not None:
+        usage_error("give either --stream or --match, not both", as_json)
+    if port is None and not as_json:
+        usage_error("--port is required (or --json to print one scrape)", as_json)
     try:
         from prometheus_client import CollectorRegistry
 
@@ -51,10 +92,17 @@ def metrics(
         raise typer.Exit(int(ExitCode.FAILURE)) from exc
     registry = CollectorRegistry()
     try:
-        collector = StreamStatsCollector(redis_url, streams or None, max_streams=max_streams)
+        collector = _matching(StreamStatsCollector, match)(redis_url, streams or None,
+                                                           max_streams=max_streams)
     except AgentStreamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(int(ExitCode.USAGE)) from exc
+    if as_json:
+        scrape = _scrape_json(collector)
+        emit_json({"redis_url": redact_url(redis_url), "metrics": scrape})
+        up = scrape.get(f"{collector.namespace}_up") or [{"value": 0}]
+        raise typer.Exit(int(ExitCode.OK) if up[0]["value"] else int(ExitCode.UNREACHABLE))
+    assert port is not None
     registry.register(collector)
     try:
         server = serve_metrics(port, addr, registry)
