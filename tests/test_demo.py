@@ -258,3 +258,49 @@ async def test_demo_never_prints_the_password_of_its_url() -> None:
     header = json.loads(result.stdout.splitlines()[0])["header"]
     assert f"default:***@{server.host}:{server.port}/0?password=***" in header["server"]
     assert secret not in result.stdout + result.stderr
+
+
+def test_kill_report_names_every_held_session_and_each_reclaim_time() -> None:
+    """The victim claimed s1 and s2; the runner's list (read when the search of s2 was seen)
+    named only s2. The report names both, and each one's own re-claim time."""
+    summary = DemoSummary(namespace="ns", server="test", model="scripted")
+    tracker = DemoTracker(summary, {"a": "p", "b": "q"},
+                          {"research-1": "research", "research-2": "research"}, 100.0)
+    tracker.record(_claimed("a", 1, "research", "research-1", 101.0), 101.0)
+    tracker.record(_claimed("b", 1, "research", "research-1", 101.2), 101.2)
+    tracker.record(_event(KILLED_EVENT, 101.5, worker="research-1", pid=7, held=["s2"]), 101.5)
+    assert summary.kill is not None
+    assert summary.kill.held == ["s1", "s2"]
+    assert tracker.sessions["a"].status == "orphaned"
+    tracker.record(_claimed("a", 1, "research", "research-2", 102.34, delivery=2), 102.34)
+    tracker.record(_claimed("b", 1, "research", "research-2", 102.85, delivery=2), 102.85)
+    kill = summary.kill
+    assert kill.reclaims == {"s1": ("research-2", kill.reclaims["s1"][1]),
+                             "s2": ("research-2", kill.reclaims["s2"][1])}
+    assert abs(kill.reclaims["s1"][1] - 0.84) < 1e-6
+    assert abs(kill.reclaims["s2"][1] - 1.35) < 1e-6
+    assert kill.reclaim_text() == "research-2 re-claimed s1 0.84 s later, s2 1.35 s later"
+    from rich.console import Console
+
+    from agentstreams.demo.display import summary_table
+
+    console = Console(width=200, record=True, no_color=True)
+    console.print(summary_table(summary, plain=True))
+    assert ("research-1 (pid 7) holding s1, s2; research-2 re-claimed s1 0.84 s later, s2 "
+            "1.35 s later") in console.export_text()
+    assert kill.to_dict()["reclaims"]["s2"] == {"worker": "research-2", "after_s": 1.35}
+
+
+def test_a_redelivery_of_a_session_the_victim_did_not_hold_is_not_its_recovery() -> None:
+    summary = DemoSummary(namespace="ns", server="test", model="scripted")
+    tracker = DemoTracker(summary, {"a": "p", "b": "q"},
+                          {"research-1": "research", "research-2": "research"}, 100.0)
+    tracker.record(_claimed("b", 1, "research", "research-1", 101.0), 101.0)
+    tracker.record(_event(KILLED_EVENT, 101.5, worker="research-1", pid=7, held=[]), 101.5)
+    tracker.record(_claimed("a", 1, "research", "research-2", 101.9, delivery=2), 101.9)
+    assert summary.kill is not None
+    assert summary.kill.held == ["s2"]
+    assert summary.kill.reclaimed_by is None
+    tracker.record(_claimed("b", 1, "research", "research-2", 102.6, delivery=2), 102.6)
+    assert summary.kill.reclaimed_by == "research-2"
+    assert abs((summary.kill.recovery_s or 0) - 1.1) < 1e-6

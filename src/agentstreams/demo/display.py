@@ -106,9 +106,7 @@ def summary_table(summary: DemoSummary, *, plain: bool) -> Table:
     kill = summary.kill
     if kill is not None:
         held = ", ".join(kill.held) if kill.held else "no hop"
-        taken = (f"; {kill.reclaimed_by} re-claimed {'it' if len(kill.held) < 2 else 'them'}"
-                 f" {kill.recovery_s:.2f} s later"
-                 if kill.reclaimed_by and kill.recovery_s is not None else "")
+        taken = f"; {kill.reclaim_text()}" if kill.reclaims else ""
         table.add_row("killed", f"{kill.worker} (pid {kill.pid}) holding {held}{taken}")
     table.add_row("wall time", "-" if summary.wall_s is None
                   else f"{summary.wall_s:.3f} s  (first request → last answer)")
@@ -196,9 +194,8 @@ class LiveDisplay:
                 line = Text("kill -9 ", style="bold red")
                 line.append(f"{kill.worker} at {kill.at - tracker.started_at:.3f}s holding "
                             f"{', '.join(kill.held) or 'no hop'}")
-                if kill.reclaimed_by and kill.recovery_s is not None:
-                    line.append(f"  →  re-claimed by {kill.reclaimed_by} "
-                                f"{kill.recovery_s:.2f} s later", style="bold yellow")
+                if kill.reclaims:
+                    line.append(f"  →  {kill.reclaim_text()}", style="bold yellow")
                 parts.append(line)
         log = Table.grid()
         log.add_column(no_wrap=True, overflow="ellipsis")

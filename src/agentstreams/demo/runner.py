@@ -232,10 +232,14 @@ class _Scene:
         """Render every event until told to stop, then drain what is left."""
         while True:
             final = self._stop_observing
-            for event in await feed.read(None if final else FEED_BLOCK_MS):
+            events = await feed.read(None if final else FEED_BLOCK_MS)
+            # The whole batch first: what the victim holds must include the hops it claimed
+            # after the search that makes it the victim, if they are in the same batch.
+            for event in events:
                 entry = self.tracker.record(event, time.time())
                 if entry is not None:
                     self.display.event(entry)
+            for event in events:
                 if event.type == TOOL_STARTED_EVENT:
                     await self._maybe_kill(event)
             self.changed.set()
