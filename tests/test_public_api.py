@@ -28,7 +28,8 @@ EXPORTED = {
     "PermissionDeniedError", "TLSError", "BackpressureError", "ClosedError",
     "ConnectionLostError", "DeadLetter", "DeadLetterQueue", "Event", "EventType",
     "GroupNotFoundError", "Handler", "InvalidArgumentError", "MalformedEventError", "Observer",
-    "PayloadTooLargeError", "PublishTimeoutError", "Publisher", "Reject", "Retry",
+    "PayloadTooLargeError", "PublishTimeoutError", "Publisher", "Reject", "RequestStats",
+    "RequestTimeoutError", "Retry",
     "SerializationError", "StreamCap", "TrimResult", "Worker", "WorkerFailedError", "WorkerStats",
     "WrongTypeError",
     "__version__", "get_observer", "set_observer", "trim",
@@ -111,6 +112,7 @@ def test_one_exception_root() -> None:
     assert issubclass(errors.SerializationError, errors.InvalidArgumentError)
     assert issubclass(errors.PayloadTooLargeError, errors.InvalidArgumentError)
     assert issubclass(errors.PublishTimeoutError, errors.ConnectionLostError)
+    assert issubclass(errors.RequestTimeoutError, TimeoutError)
 
 
 def test_errors_carry_context() -> None:

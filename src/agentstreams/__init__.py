@@ -5,6 +5,7 @@ from agentstreams._dlq import DeadLetter, DeadLetterQueue
 from agentstreams._events import Event, EventType
 from agentstreams._observe import Observer, get_observer, set_observer
 from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._reply import RequestStats
 from agentstreams._retention import TrimResult, trim
 from agentstreams._worker import Handler, Worker, WorkerStats
 from agentstreams.errors import (
@@ -21,6 +22,7 @@ from agentstreams.errors import (
     PermissionDeniedError,
     PublishTimeoutError,
     Reject,
+    RequestTimeoutError,
     Retry,
     SerializationError,
     TLSError,
@@ -52,6 +54,8 @@ __all__ = [
     "PublishTimeoutError",
     "Publisher",
     "Reject",
+    "RequestStats",
+    "RequestTimeoutError",
     "Retry",
     "SerializationError",
     "StreamCap",

@@ -23,11 +23,20 @@ FIELD_TRACEPARENT: Final = "_tp"
 FIELD_TRACESTATE: Final = "_tstate"
 #: Signed events: the id of the key that signed the entry, and its HMAC-SHA256 (hex).
 FIELD_KEY_ID: Final = "_kid"
+#: On an entry replayed from the dead-letter stream: the only consumer group that runs it
+#: (the one where it died); every other group acknowledges it without running it.
+FIELD_FOR_GROUP: Final = "_grp"
 FIELD_SIGNATURE: Final = "_sig"
 #: First bulk string of the signed bytes (domain separation; bumped if the form changes).
 SIGNATURE_DOMAIN: Final = "agentstreams-sig-1"
 #: Shortest secret accepted in ``signing_keys`` (bytes).
 SIGNING_KEY_MIN_BYTES: Final = 16
+
+#: Request/reply (``AgentCoordinator.request``): a request carries the caller's id (its reply
+#: stream is ``{stream}:replies:<caller id>``, derived by the replier from its OWN stream, never
+#: a key named by the message) and the request id (a reply's ``_eid`` is its request's id).
+FIELD_REPLY_TO: Final = "_rto"
+FIELD_REQUEST_ID: Final = "_rid"
 
 # Byte forms used on the hot decode path.
 B_FIELD_VERSION: Final = FIELD_VERSION.encode()
@@ -35,11 +44,16 @@ B_FIELD_EVENT_ID: Final = FIELD_EVENT_ID.encode()
 B_FIELD_JSON: Final = FIELD_JSON.encode()
 B_FIELD_TRACEPARENT: Final = FIELD_TRACEPARENT.encode()
 B_FIELD_TRACESTATE: Final = FIELD_TRACESTATE.encode()
+B_FIELD_REPLY_TO: Final = FIELD_REPLY_TO.encode()
+B_FIELD_REQUEST_ID: Final = FIELD_REQUEST_ID.encode()
 
 # Keys added to the dict a subscriber receives (reference-compatible `_msg_id`).
 KEY_MSG_ID: Final = "_msg_id"
 KEY_EVENT_ID: Final = "_event_id"
 KEY_DELIVERY_COUNT: Final = "_delivery_count"
+#: A request's dict (``subscribe``) also carries what ``AgentCoordinator.reply`` needs.
+KEY_REPLY_TO: Final = "_reply_to"
+KEY_REQUEST_ID: Final = "_request_id"
 
 # --- dead letters ---------------------------------------------------------------------------
 DLQ_SUFFIX: Final = "dlq"
@@ -66,6 +80,22 @@ DLQ_REASON_REJECTED: Final = "rejected"
 #: Signing keys are configured and the entry is unsigned, tampered, copied from another
 #: stream, or signed with a key this consumer does not know.
 DLQ_REASON_UNAUTHENTICATED: Final = "unauthenticated"
+
+# --- request/reply --------------------------------------------------------------------------
+#: Reply streams are ``{stream}:replies:<caller id>`` (``side_key``: the stream's hash slot).
+REPLIES_SUFFIX: Final = "replies"
+#: The event type of a reply entry.
+REPLY_EVENT_TYPE: Final = "reply"
+#: Every reply sets this TTL on its reply stream, so the stream of a caller that went away
+#: expires; it is also the idempotency window of replies (a redelivered request answered
+#: again within it writes no second reply). Longer than any sensible request timeout.
+DEFAULT_REPLY_TTL_S: Final = 600
+#: ``request`` waits this long for its reply unless told otherwise.
+DEFAULT_REQUEST_TIMEOUT_S: Final = 30.0
+#: BLOCK of the reply reader's XREAD (short: ``close`` is prompt, a dead link is noticed).
+REPLY_BLOCK_MS: Final = 1000
+#: Caller ids and request ids: 1-64 of these characters (they become part of key names).
+REPLY_ID_PATTERN: Final = r"[A-Za-z0-9_.-]{1,64}"
 
 # --- limits and defaults --------------------------------------------------------------------
 #: Largest encoded event we publish or accept (bytes). Bigger entries are dead-lettered.

@@ -28,19 +28,30 @@ from agentstreams._connection import (
     translate_error,
 )
 from agentstreams._constants import (
+    B_FIELD_REPLY_TO,
     DEFAULT_BLOCK_MS,
     DEFAULT_CLAIM_MIN_IDLE_MS,
     DEFAULT_IDEMPOTENCY_WINDOW_S,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_SOCKET_TIMEOUT_S,
+    REPLY_BLOCK_MS,
     SOCKET_TIMEOUT_MARGIN_S,
 )
 from agentstreams._dlq import DeadLetterQueue
-from agentstreams._events import EventType
+from agentstreams._events import Event, EventType
 from agentstreams._intake import Intake
 from agentstreams._observe import get_observer
 from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._reply import (
+    ReplySender,
+    Requester,
+    RequestStats,
+    add_reply_keys,
+    check_reply_id,
+    reply_target_from_mapping,
+)
 from agentstreams._retention import trim
 from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._streams import (
@@ -112,6 +123,11 @@ class AgentCoordinator:
     ``signing_keys`` (key id -> secret, ordered; the first signs, all verify): every publish
     is signed, and ``subscribe`` / ``claim_abandoned_messages`` dead-letter, as
     ``unauthenticated``, every entry whose signature does not verify (unsigned ones included).
+    Requests and replies are signed too; a reply that does not verify never resolves a request.
+
+    ``caller_id`` names this coordinator's reply stream for ``request()``,
+    ``{stream}:replies:<caller_id>`` (1-64 letters, digits, ``_``, ``.``, ``-``; unique among
+    live coordinators: random by default).
     """
 
     def __init__(
@@ -128,8 +144,11 @@ class AgentCoordinator:
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
+        caller_id: str | None = None,
     ) -> None:
         self._stream_name = validate_name("stream_name", stream_name)
+        self._caller_id = (check_reply_id("caller_id", caller_id) if caller_id is not None
+                           else uuid.uuid4().hex[:16])
         self._consumer_group = (validate_name("consumer_group", consumer_group)
                                 if consumer_group is not None else None)
         if consumer_name is not None:
@@ -157,6 +176,10 @@ class AgentCoordinator:
         self._derived_groups: set[str] = set()
         # A blocking read must return before the socket times out.
         self._max_block_ms = _max_block_ms(socket_timeout_s)
+        #: request/reply: the caller side (one reply reader) and the replier side, made on use
+        self._requester: Requester | None = None
+        self._reply_sender: ReplySender | None = None
+        self._request_stats = RequestStats()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -216,7 +239,13 @@ class AgentCoordinator:
         return self._publisher
 
     async def close(self) -> None:
-        """Close the connection (a client passed in by the caller is left open). Idempotent."""
+        """Close the connection (a client passed in by the caller is left open). Idempotent.
+
+        Requests still waiting for their reply raise ``ClosedError``."""
+        requester, self._requester = self._requester, None
+        if requester is not None:
+            await requester.close()  # stops the reply reader, fails the waiting requests
+        self._reply_sender = None
         if self._client is not None and self._client is not self._external_client:
             await self._client.aclose()
         self._client = None
@@ -421,16 +450,19 @@ class AgentCoordinator:
                 intake.restart_pending()  # a lost reply may have left entries pending for us
                 continue
             batch = intake.sort(entries, counts)
-            if batch.lost:
-                await ack(client, self._stream_name, group, batch.lost)
+            if batch.settle:
+                await ack(client, self._stream_name, group, batch.settle)
             await intake.dead_letter_all(batch.dead)
-            for event in batch.events:
+            for event, fields in zip(batch.events, batch.fields, strict=True):
                 _raise_if_cancel_was_swallowed()
                 if wanted is not None and event.type not in wanted:
                     await ack(client, self._stream_name, group, [event.msg_id])
                     continue
+                item = event.to_dict()
+                if B_FIELD_REPLY_TO in fields:  # a request: reply() needs its metadata
+                    add_reply_keys(item, fields)
                 try:
-                    yield event.to_dict()
+                    yield item
                 except GeneratorExit:
                     # The loop was left on this event (break, return, an exception): it stays
                     # pending. Acknowledging here could lose an event whose processing failed;
@@ -501,7 +533,71 @@ class AgentCoordinator:
         claimed, counts = await intake.claim_idle(min_idle_ms)
         batch = intake.sort(claimed, counts)
         await intake.dead_letter_all(batch.dead)
-        return [event.to_dict(with_delivery_count=True) for event in batch.events]
+        out = []
+        for event, fields in zip(batch.events, batch.fields, strict=True):
+            item = event.to_dict(with_delivery_count=True)
+            if B_FIELD_REPLY_TO in fields:
+                add_reply_keys(item, fields)
+            out.append(item)
+        return out
+
+    # ---------------------------------------------------------------- request/reply
+
+    @property
+    def caller_id(self) -> str:
+        """Names this coordinator's reply stream, ``{stream}:replies:<caller_id>``."""
+        return self._caller_id
+
+    @property
+    def request_stats(self) -> RequestStats:
+        """Counters of ``request()``: requests, replies, timeouts, and the replies ignored
+        (late or duplicate, malformed, unauthenticated)."""
+        return self._request_stats
+
+    async def request(self, event_type: str | EventType, fields: Mapping[str, Any] | None = None,
+                      *, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                      session_id: str | None = None) -> dict[str, Any]:
+        """Publish a request and wait for its reply; returns the reply's fields (with its
+        ``timestamp``).
+
+        A ``Worker`` handler answers with ``await event.reply(fields)``, a ``subscribe`` user
+        with ``await coordinator.reply(event, fields)``. Raises ``RequestTimeoutError`` after
+        ``timeout_s`` without a reply (a later reply is ignored), ``ClosedError`` when the
+        coordinator is closed meanwhile. ``session_id`` is added to the fields when given.
+        """
+        requester = self._requester
+        if requester is None:
+            client = await self._get_client()
+            publisher = await self._get_publisher()
+            requester = self._requester = Requester(
+                client, self._stream_name, self._caller_id, signing_keys=self._signing_keys,
+                max_event_bytes=self._max_event_bytes, cap=self._cap,
+                publish_timeout_s=publisher.timeout_s,
+                block_ms=min(REPLY_BLOCK_MS, self._max_block_ms))
+            requester.stats = self._request_stats
+        return await requester.request(event_type, fields if fields is not None else {},
+                                       timeout_s=timeout_s, session_id=session_id)
+
+    async def reply(self, event: Mapping[str, Any], fields: Mapping[str, Any] | None = None
+                    ) -> str:
+        """Answer a request yielded by ``subscribe`` (or ``claim_abandoned_messages``).
+
+        ``event`` is the dict as yielded (it carries ``_reply_to`` and ``_request_id``). The
+        reply goes to ``{stream}:replies:<caller>`` of THIS coordinator's stream, whatever the
+        dict says; one reply entry is written per request however often this is called.
+        Returns the reply's stream id. Raises ``InvalidArgumentError`` for an event that is
+        not a request.
+        """
+        if isinstance(event, Event):
+            return await event.reply(fields)
+        target = reply_target_from_mapping(event)
+        sender = self._reply_sender
+        if sender is None:
+            client = await self._get_client()
+            sender = self._reply_sender = ReplySender(
+                client, self._stream_name, signing_keys=self._signing_keys,
+                max_event_bytes=self._max_event_bytes)
+        return await sender.send(target, fields if fields is not None else {})
 
     # ---------------------------------------------------------------- inspection and retention
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from agentstreams._constants import KEY_DELIVERY_COUNT, KEY_EVENT_ID, KEY_MSG_ID
+from agentstreams.errors import InvalidArgumentError
 
-__all__ = ["Event", "EventType"]
+__all__ = ["Event", "EventType", "Replier"]
+
+#: Sends the reply to one request (the worker sets it on events that carry reply metadata).
+Replier = Callable[[Mapping[str, Any]], Awaitable[str]]
 
 
 class EventType(str, Enum):
@@ -41,6 +45,9 @@ class Event(Mapping[str, Any]):
     traceparent: str | None = None
     tracestate: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Set by the ``Worker`` on a request (an event published by ``AgentCoordinator.request``)
+    #: (not set otherwise: nothing is stored per ordinary event).
+    _replier: Replier | None = field(init=False, repr=False)
 
     @property
     def type(self) -> str:
@@ -67,6 +74,27 @@ class Event(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.data)
+
+    @property
+    def expects_reply(self) -> bool:
+        """True for a request (published by ``AgentCoordinator.request``) a handler can
+        answer with ``reply``."""
+        return getattr(self, "_replier", None) is not None
+
+    async def reply(self, fields: Mapping[str, Any] | None = None) -> str:
+        """Answer this request: ``fields`` become the dict the caller's ``request()`` returns.
+
+        Safe to call again (a redelivered request): one reply entry is written per request.
+        Returns the reply's stream id. Raises ``InvalidArgumentError`` when the event is not a
+        request a ``Worker`` delivered (``expects_reply`` is False).
+        """
+        replier: Replier | None = getattr(self, "_replier", None)
+        if replier is None:
+            raise InvalidArgumentError(
+                f"event {self.msg_id} carries no (valid) reply metadata: only events published "
+                "by AgentCoordinator.request() and delivered by a Worker can be answered "
+                "(subscribe users: AgentCoordinator.reply(event, fields))")
+        return await replier(fields if fields is not None else {})
 
     def to_dict(self, *, with_delivery_count: bool = False) -> dict[str, Any]:
         """The reference-compatible dict: the fields plus ``_msg_id`` (and ``_event_id``)."""

@@ -51,6 +51,7 @@ from agentstreams._connection import (
     is_permanent,
 )
 from agentstreams._constants import (
+    B_FIELD_REPLY_TO,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_EVENT_BYTES,
@@ -67,6 +68,7 @@ from agentstreams._events import Event, EventType
 from agentstreams._intake import DeadLetterRequest, Intake
 from agentstreams._lifecycle import serve_until_stopped
 from agentstreams._observe import Observer, get_observer
+from agentstreams._reply import ReplySender, wire_reply
 from agentstreams._signing import SigningKeys, signing_keys_from
 from agentstreams._streams import RawEntry, ensure_group, first_field, to_str, validate_name
 from agentstreams.errors import (
@@ -365,6 +367,8 @@ class Worker:
         #: what made the worker stop on its own (a misconfiguration, a task that kept failing)
         self._failure: BaseException | None = None
         self._intake: Intake | None = None
+        #: answers requests (``Event.reply``); made on the first request seen
+        self._reply_sender: ReplySender | None = None
         self._lease_script: Any = None
         self._cleanup_script: Any = None
 
@@ -796,7 +800,7 @@ class Worker:
         intake = self._intake
         assert intake is not None
         batch = intake.sort(entries, counts, redelivery=retry)
-        settle = batch.lost
+        settle = batch.settle
         now = time.monotonic()
         in_flight = self._in_flight
         handlers = self._handlers
@@ -809,6 +813,8 @@ class Worker:
                 self._obs().on_unhandled(self.stream, self.group, event_type)
                 settle.append(event.msg_id)
                 continue
+            if B_FIELD_REPLY_TO in fields:  # a request: event.reply() answers it
+                wire_reply(event, fields, self._reply_sender or self._new_reply_sender())
             in_flight[event.msg_id] = _InFlight(event, fields, now)
             self._ready.append(event)
         if in_flight:
@@ -818,6 +824,13 @@ class Worker:
             self._enqueue_acks(settle)
         for request in batch.dead:
             await intake.dead_letter(request)
+
+    def _new_reply_sender(self) -> ReplySender:
+        assert self._client is not None
+        self._reply_sender = ReplySender(self._client, self.stream,
+                                         signing_keys=self.signing_keys,
+                                         max_event_bytes=self.max_event_bytes)
+        return self._reply_sender
 
     # ---------------------------------------------------------------- running handlers
 

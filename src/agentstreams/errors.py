@@ -16,6 +16,8 @@
   * MalformedEventError — a stream entry cannot be decoded; carries the raw fields.
   * ClosedError — the object was closed and cannot be used again.
   * WorkerFailedError — a worker's background task kept failing; the worker stopped.
+  * RequestTimeoutError (also TimeoutError) — ``request()`` got no reply within ``timeout_s``;
+    the request may still be handled (a reply arriving later is ignored).
 
 Errors that correspond to a server reply also derive from the matching redis-py exception
 (``redis.exceptions.ConnectionError`` / ``ResponseError``), so code written against the
@@ -45,6 +47,7 @@ __all__ = [
     "PermissionDeniedError",
     "PublishTimeoutError",
     "Reject",
+    "RequestTimeoutError",
     "Retry",
     "SerializationError",
     "TLSError",
@@ -143,6 +146,18 @@ class ClosedError(AgentStreamsError, RuntimeError):
 class WorkerFailedError(AgentStreamsError):
     """A background task of a worker kept failing unexpectedly, so the worker stopped instead
     of idling; ``__cause__`` is the last failure (its traceback was logged each time)."""
+
+
+class RequestTimeoutError(AgentStreamsError, TimeoutError):
+    """No reply to a ``request()`` arrived within ``timeout_s``. The request was published
+    and may still be handled; a reply that arrives later is ignored (and counted).
+    ``request_id`` names it (a reply's ``_eid``); ``timeout_s`` is how long it waited."""
+
+    def __init__(self, message: str, *, request_id: str, timeout_s: float,
+                 stream: str | None = None) -> None:
+        super().__init__(message, stream=stream)
+        self.request_id = request_id
+        self.timeout_s = timeout_s
 
 
 class MalformedEventError(AgentStreamsError):
