@@ -22,9 +22,10 @@ AGENTSTREAMS = str(Path(sys.executable).with_name("agentstreams"))
 TABLES = Path(__file__).resolve().parents[1] / "benchmarks" / "tables.py"
 
 EXPECTED = {
-    "redis_py_xadd", "reference_publish", "publish",
-    "redis_py_pipeline", "publish_many", "publish_concurrent",
-    "redis_py_consume", "reference_subscribe", "worker_consume",
+    "redis_py_xadd", "reference_publish", "publish", "publish_signed",
+    "redis_py_pipeline", "publish_many", "publish_concurrent", "publish_many_signed",
+    "publish_concurrent_signed",
+    "redis_py_consume", "reference_subscribe", "worker_consume", "worker_consume_signed",
     "latency_redis_py_0.5k", "latency_worker_0.5k",
     "memory_slow_handler",
 }
@@ -61,6 +62,7 @@ def test_bench_tiny_runs_every_scenario_and_cleans_up(valkey_server: LocalServer
         assert row["peak_rss_mb"] > 0
     assert rows["publish"]["baseline"] == "redis_py_xadd"
     assert rows["worker_consume"]["baseline"] == "reference_subscribe"
+    assert rows["worker_consume_signed"]["baseline"] == "worker_consume"
     # Every key the run wrote is gone.
     after = set(redis.Redis.from_url(valkey_server.url).keys("agentstreams-bench:*"))
     assert after <= before

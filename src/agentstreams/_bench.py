@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +55,9 @@ CONTEXT: dict[str, Any] = {"task": "summarise the quarterly report", "priority":
                            "tags": ["finance", "q3"]}
 #: Events per XADD pipeline / publish_many call / XREADGROUP in the batched scenarios.
 BATCH = 500
+#: Keys of the signed scenarios (the first signs; a rotation's second key verifies only).
+BENCH_SIGNING_KEYS: dict[str, bytes] = {"bench-2": b"bench-signing-key-2-0123456789abcdef",
+                                        "bench-1": b"bench-signing-key-1-0123456789abcdef"}
 #: Concurrent publishing tasks in the coalescing scenario.
 CONCURRENT_PUBLISHERS = 64
 #: Samples before this point of a latency run are warm-up and not counted.
@@ -289,19 +292,25 @@ def publish_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
             await client.aclose()
         return n
 
-    async def publish(stream: str) -> int:
-        async with AgentCoordinator(url, stream_name=stream) as coordinator:
+    async def publish(stream: str, signing_keys: Mapping[str, bytes] | None = None) -> int:
+        async with AgentCoordinator(url, stream_name=stream,
+                                    signing_keys=signing_keys) as coordinator:
             for i in range(n):
                 fields = handoff_fields(i)
                 await coordinator.publish_handoff_ready(fields["from_agent"], fields["to_agent"],
                                                         fields["session_id"], CONTEXT)
         return n
 
+    async def publish_signed(stream: str) -> int:
+        return await publish(stream, BENCH_SIGNING_KEYS)
+
     return [
         Throughput("redis_py_xadd", "raw redis-py: sequential XADD", n, redis_py_xadd),
         Throughput("reference_publish", "reference-style publish (sequential XADD)", n,
                    reference_publish),
         Throughput("publish", "agentstreams publish_handoff_ready, one at a time", n, publish),
+        Throughput("publish_signed", "publish, signed (HMAC-SHA256, signing_keys)", n,
+                   publish_signed),
     ]
 
 
@@ -321,16 +330,25 @@ def batch_publish_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
             await client.aclose()
         return n
 
-    async def publish_many(stream: str) -> int:
-        async with AgentCoordinator(url, stream_name=stream) as coordinator:
+    async def publish_many(stream: str, signing_keys: Mapping[str, bytes] | None = None) -> int:
+        async with AgentCoordinator(url, stream_name=stream,
+                                    signing_keys=signing_keys) as coordinator:
             for start in range(0, n, BATCH):
                 await coordinator.publish_many([
                     {"type": "handoff_ready", **handoff_fields(i)}
                     for i in range(start, min(n, start + BATCH))])
         return n
 
-    async def publish_concurrent(stream: str) -> int:
-        async with AgentCoordinator(url, stream_name=stream) as coordinator:
+    async def publish_many_signed(stream: str) -> int:
+        return await publish_many(stream, BENCH_SIGNING_KEYS)
+
+    async def publish_concurrent_signed(stream: str) -> int:
+        return await publish_concurrent(stream, BENCH_SIGNING_KEYS)
+
+    async def publish_concurrent(stream: str,
+                                 signing_keys: Mapping[str, bytes] | None = None) -> int:
+        async with AgentCoordinator(url, stream_name=stream,
+                                    signing_keys=signing_keys) as coordinator:
             async def one_task(offset: int) -> None:
                 for i in range(offset, n, CONCURRENT_PUBLISHERS):
                     fields = handoff_fields(i)
@@ -348,17 +366,22 @@ def batch_publish_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
         Throughput("publish_concurrent",
                    f"agentstreams publish from {CONCURRENT_PUBLISHERS} tasks at once (coalesced)",
                    n, publish_concurrent),
+        Throughput("publish_many_signed", "publish_many, signed", n, publish_many_signed),
+        Throughput("publish_concurrent_signed", "concurrent publish, signed", n,
+                   publish_concurrent_signed),
     ]
 
 
 # ----------------------------------------------------------------------------- consuming
 
 
-async def prefill(url: str, stream: str, n: int, group: str = "bench") -> None:
-    """``n`` agentstreams-format events in ``stream``, and ``group`` reading from the start."""
+async def prefill(url: str, stream: str, n: int, group: str = "bench",
+                  signing_keys: Mapping[str, bytes] | None = None) -> None:
+    """``n`` agentstreams-format events in ``stream`` (signed with ``signing_keys``), and
+    ``group`` reading from the start."""
     client = aioredis.Redis.from_url(url)
     try:
-        publisher = Publisher(client, stream)
+        publisher = Publisher(client, stream, signing_keys=signing_keys)
         for start in range(0, n, 1000):
             await publisher.publish_many([{"type": "handoff_ready", **handoff_fields(i)}
                                           for i in range(start, min(n, start + 1000))])
@@ -374,6 +397,9 @@ def consume_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
 
     async def fill(stream: str) -> None:
         await prefill(url, stream, n, group)
+
+    async def fill_signed(stream: str) -> None:
+        await prefill(url, stream, n, group, BENCH_SIGNING_KEYS)
 
     async def redis_py_consume(stream: str) -> int:
         client = aioredis.Redis.from_url(url)
@@ -419,9 +445,11 @@ def consume_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
             await client.aclose()
         return handled
 
-    async def worker_consume(stream: str) -> int:
+    async def worker_consume(stream: str,
+                             signing_keys: Mapping[str, bytes] | None = None) -> int:
         done = asyncio.Event()
-        worker = Worker(url, stream, group, "c", probe_server=False, block_ms=200)
+        worker = Worker(url, stream, group, "c", probe_server=False, block_ms=200,
+                        signing_keys=signing_keys)
 
         @worker.handler()
         async def handle(event: Event) -> None:
@@ -439,7 +467,13 @@ def consume_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
         finally:
             watcher.cancel()
             await worker.stop(timeout_s=5)
+        if worker.stats.unauthenticated or worker.stats.dead_lettered:
+            raise RuntimeError(f"worker_consume: {worker.stats.unauthenticated} entries did "
+                               "not verify")
         return worker.stats.acked
+
+    async def worker_consume_signed(stream: str) -> int:
+        return await worker_consume(stream, BENCH_SIGNING_KEYS)
 
     return [
         Throughput("redis_py_consume",
@@ -449,6 +483,8 @@ def consume_scenarios(url: str, cfg: BenchConfig) -> list[Throughput]:
                    n, reference_subscribe, fill),
         Throughput("worker_consume", "agentstreams Worker, no-op handler, until all acked", n,
                    worker_consume, fill),
+        Throughput("worker_consume_signed", "Worker verifying signed events (signing_keys)", n,
+                   worker_consume_signed, fill_signed),
     ]
 
 
@@ -649,6 +685,9 @@ def judge(report: ServerReport) -> None:
     compare("publish_concurrent", "reference_publish", ">= 25x reference_publish", 25.0)
     compare("reference_subscribe", "redis_py_consume")
     compare("worker_consume", "reference_subscribe", ">= 12x reference_subscribe", 12.0)
+    # Signing costs at most 15 % of the time: >= 1/1.15 of the unsigned throughput.
+    for signed in ("publish", "publish_many", "publish_concurrent", "worker_consume"):
+        compare(f"{signed}_signed", signed, f">= 0.87x {signed} (<= 15% overhead)", 1 / 1.15)
     for row in report.results:
         if row.name.startswith("latency_worker_"):
             suffix = row.name.removeprefix("latency_worker_")

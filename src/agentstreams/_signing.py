@@ -16,7 +16,9 @@ timestamp, ``_v``, ``_eid``, ``_json``, trace context) and the ``_kid`` pair: ev
 ``_sig`` itself. The publisher signs the RESP text the one encoder already produced; the
 consumer rebuilds the same bytes from the fields it read and compares in constant time,
 before anything decodes the entry. A field changed, added, removed or reordered, another
-stream, another key or an unknown key id: the entry is refused (``unauthenticated``).
+stream, another key or an unknown key id: the entry is refused (``unauthenticated``). One
+field may follow ``_sig`` unsigned: the ``_grp`` a dead-letter replay appends, which can only
+narrow which group runs a genuine entry again.
 
 Keys are an ordered mapping key id -> secret: the first key signs, every listed key verifies,
 so a rotation is: add the new key second everywhere, then move it first (publishers now sign
@@ -28,12 +30,14 @@ clear text), ordering, completeness or replay of a genuine entry into the same s
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 from agentstreams._constants import (
+    FIELD_FOR_GROUP,
     FIELD_KEY_ID,
     FIELD_SIGNATURE,
     SIGNATURE_DOMAIN,
@@ -47,13 +51,21 @@ __all__ = ["SigningKeys", "StreamSigner", "StreamVerifier", "signing_keys_from"]
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _B_KEY_ID: Final = FIELD_KEY_ID.encode()
 _B_SIGNATURE: Final = FIELD_SIGNATURE.encode()
+_B_FOR_GROUP: Final = FIELD_FOR_GROUP.encode()
 #: Hex characters of a signature.
 SIGNATURE_CHARS: Final = 64
 
-#: ``$<n>\r\n`` as bytes for small lengths (the verifier rebuilds the RESP of every field).
-_HEADS = [b"$%d\r\n" % n for n in range(4096)]
+#: ``$<n>`` as bytes for small lengths: the verifier rebuilds the RESP of every field as
+#: ``b"\r\n".join`` of ``$<n>`` and the bytes, for names and values alike.
+_HEADS = [b"$%d" % n for n in range(4096)]
 _HEADS_LEN = len(_HEADS)
 _CRLF: Final = b"\r\n"
+
+
+#: SHA-256 block size, and the HMAC pads as byte translation tables.
+_BLOCK: Final = 64
+_IPAD: Final = bytes(x ^ 0x36 for x in range(256))
+_OPAD: Final = bytes(x ^ 0x5C for x in range(256))
 
 
 def _bulk(data: bytes) -> bytes:
@@ -65,7 +77,7 @@ def _bulk_text(text: str) -> str:
 
 
 def _head(n: int) -> bytes:
-    return _HEADS[n] if n < _HEADS_LEN else b"$%d\r\n" % n
+    return _HEADS[n] if n < _HEADS_LEN else b"$%d" % n
 
 
 def _secret_bytes(key_id: str, secret: object) -> bytes:
@@ -105,15 +117,14 @@ class SigningKeys:
         if not keys:
             raise InvalidArgumentError("signing_keys is empty: give at least one key id -> "
                                        "secret, or None to turn signing off")
-        macs: dict[bytes, Any] = {}
+        macs: dict[bytes, _Pads] = {}
         for key_id, secret in keys.items():
             if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
                 raise InvalidArgumentError(
                     f"signing key id {key_id!r} is not valid: use 1-64 characters among "
                     "letters, digits, '.', '_' and '-'")
             key = _secret_bytes(key_id, secret)
-            # A keyed HMAC state, copied per message: saves hashing the key pads every time.
-            macs[key_id.encode()] = hmac.new(key, digestmod="sha256")
+            macs[key_id.encode()] = _Pads(key)
         self._macs = macs
         self.key_ids: tuple[str, ...] = tuple(keys)
         self.signing_key_id: str = self.key_ids[0]
@@ -131,6 +142,39 @@ class SigningKeys:
         return StreamVerifier(stream, self._macs)
 
 
+class _Pads:
+    """HMAC-SHA256 (RFC 2104) of one key, with the hash states after the key pads computed
+    once: ``H((K ^ opad) || H((K ^ ipad) || m))``, bit for bit ``hmac.digest(key, m,
+    "sha256")`` (tested), in two ``copy()`` of precomputed states instead of re-hashing both
+    pads per message (0.75 us instead of 1.7 us per signature on the benchmark machine).
+    ``with_prefix`` also absorbs a constant prefix (the domain and stream) once."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: bytes, *, inner: Any = None, outer: Any = None) -> None:
+        if inner is not None:
+            self.inner, self.outer = inner, outer
+            return
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self.inner = hashlib.sha256(key.translate(_IPAD))
+        self.outer = hashlib.sha256(key.translate(_OPAD))
+
+    def with_prefix(self, prefix: bytes) -> _Pads:
+        inner = self.inner.copy()
+        inner.update(prefix)
+        return _Pads(b"", inner=inner, outer=self.outer)
+
+    def hexdigest(self, message: bytes) -> str:
+        inner = self.inner.copy()
+        inner.update(message)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        digest: str = outer.hexdigest()
+        return digest
+
+
 def signing_keys_from(value: SigningKeys | Mapping[str, bytes | str] | None
                       ) -> SigningKeys | None:
     """``signing_keys`` as given to a constructor, validated (None: no signing)."""
@@ -146,12 +190,11 @@ def _prefix(stream: str) -> bytes:
 class StreamSigner:
     """Signs the entries of one stream: see the module docstring for the signed bytes."""
 
-    __slots__ = ("_kid_pair", "_mac", "_prefix", "overhead")
+    __slots__ = ("_kid_pair", "_mac", "overhead")
 
-    def __init__(self, stream: str, key_id: str, mac: Any) -> None:
-        self._prefix = _prefix(stream).decode()
+    def __init__(self, stream: str, key_id: str, mac: _Pads) -> None:
         self._kid_pair = _bulk_text(FIELD_KEY_ID) + _bulk_text(key_id)
-        self._mac = mac
+        self._mac = mac.with_prefix(_prefix(stream))
         #: Bytes ``_kid`` and ``_sig`` add to an entry (names and values): the size rule
         #: counts them like every other field.
         self.overhead: int = (len(FIELD_KEY_ID) + len(key_id) + len(FIELD_SIGNATURE)
@@ -161,20 +204,19 @@ class StreamSigner:
         r"""The encoded entry (``nargs``, RESP ``body`` of its field/value pairs) with
         ``_kid`` and ``_sig`` appended."""
         signed = body + self._kid_pair
-        mac = self._mac.copy()
-        mac.update((self._prefix + signed).encode())
-        return nargs + 4, f"{signed}$4\r\n_sig\r\n$64\r\n{mac.hexdigest()}\r\n"
+        return (nargs + 4,
+                f"{signed}$4\r\n_sig\r\n$64\r\n{self._mac.hexdigest(signed.encode())}\r\n")
 
 
 class StreamVerifier:
     """Checks the entries read from one stream before anything decodes them."""
 
-    __slots__ = ("_macs", "_prefix", "stream")
+    __slots__ = ("_macs", "stream")
 
-    def __init__(self, stream: str, macs: Mapping[bytes, Any]) -> None:
+    def __init__(self, stream: str, macs: Mapping[bytes, _Pads]) -> None:
         self.stream = stream
-        self._prefix = _prefix(stream)
-        self._macs = macs
+        prefix = _prefix(stream)
+        self._macs = {key_id: mac.with_prefix(prefix) for key_id, mac in macs.items()}
 
     def problem(self, fields: Mapping[bytes, bytes]) -> str | None:
         """None when ``fields`` carry a valid signature by a known key; otherwise why not."""
@@ -183,28 +225,44 @@ class StreamVerifier:
         if signature is None or key_id is None:
             return (f"unsigned: the entry has no {FIELD_SIGNATURE}/{FIELD_KEY_ID} field, and "
                     "this consumer accepts signed entries only")
-        base = self._macs.get(key_id)
-        if base is None:
+        mac = self._macs.get(key_id)
+        if mac is None:
             return (f"signed with key id {key_id.decode(errors='replace')!r}, which is not "
                     "among this consumer's signing keys")
         if type(fields) is not dict or next(reversed(fields)) != _B_SIGNATURE:
-            fields = {k: v for k, v in fields.items() if k != _B_SIGNATURE}  # rare
+            # rare: _sig is not last, or a replay appended its routing field after it (the
+            # routing is not signed: it only narrows who runs a genuine entry again)
+            fields = {k: v for k, v in fields.items()
+                      if k not in (_B_SIGNATURE, _B_FOR_GROUP)}
             drop = 0
         else:
-            drop = 6  # _sig is last (as written): its parts are removed below
+            drop = 3  # _sig is last (as written): its parts are removed below
         # The RESP bulk strings of every name and value, in order, as the publisher signed.
-        parts = [self._prefix]
+        parts: list[bytes] = []
         extend = parts.extend
         heads = _HEADS
+        names = _NAMES
         for name, value in fields.items():
             size = len(value)
-            extend((heads[len(name)] if len(name) < _HEADS_LEN else _head(len(name)), name,
-                    _CRLF, heads[size] if size < _HEADS_LEN else _head(size), value, _CRLF))
+            extend((names.get(name) or _name(name),
+                    heads[size] if size < _HEADS_LEN else _head(size), value))
         if drop:
             del parts[-drop:]
-        mac = base.copy()
-        mac.update(b"".join(parts))
-        if not hmac.compare_digest(mac.hexdigest().encode(), signature):
+        expected = mac.hexdigest(b"\r\n".join(parts) + _CRLF)
+        if not hmac.compare_digest(expected.encode(), signature):
             return ("bad signature: the entry was changed, copied from another stream, or "
                     "signed with another secret under this key id")
         return None
+
+
+#: A field name's RESP bulk string without its final CRLF (``$<n>\r\n<name>``): names repeat
+#: on every entry, so they are looked up (bounded).
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 4096
+
+
+def _name(name: bytes) -> bytes:
+    resp = _head(len(name)) + _CRLF + name
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = resp
+    return resp
