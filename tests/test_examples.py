@@ -29,6 +29,8 @@ EXPECTED = {
                    'agentstreams_events_dead_lettered_total{group="planners",'
                    'reason="max_deliveries"', "agentstreams_consumer_group_pending"],
     "tracing.py": ["one trace: True, handler is the child: True"],
+    "request_reply.py": ["sum: 6", "sums: [0, 2, 4, 6, 8]", "timed out after 0.5s",
+                         "echo: HELLO", "'replies': 1"],
 }
 
 
