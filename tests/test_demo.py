@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -130,12 +131,43 @@ async def test_demo_json_on_a_given_server_reports_the_recovery_and_cleans_up(
 
 
 async def test_demo_that_cannot_finish_exits_1(valkey_server: LocalServer) -> None:
-    # Four processes importing the SDK cannot all be ready within one second.
+    # --timeout counts from when the workers are ready (their start-up takes longer than 1 s
+    # on any machine, and does not count); a 16 s search cannot finish within it.
     result = await asyncio.to_thread(_run_demo, "--redis-url", valkey_server.url, "--tasks",
-                                     "1", "--plain", "--timeout", "1")
+                                     "1", "--plain", "--timeout", "1", "--pace", "20",
+                                     "--no-kill")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "FAILED: timed out after 1s waiting for workers" in result.stdout
+    assert "FAILED: timed out after 1s with 0 of 1 sessions answered" in result.stdout
     assert _summary_value(result.stdout, "lost") == "1"
+    assert _summary_value(result.stdout, "sessions completed") == "0/1"
+
+
+async def test_ctrl_c_during_start_up_reports_sessions_never_started(
+        valkey_server: LocalServer) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) while the workers start: no
+    tracebacks, a summary that says it was interrupted and that no session was sent."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "OPENAI_API_KEY")}
+    proc = await asyncio.create_subprocess_exec(
+        *_demo_command("--redis-url", valkey_server.url, "--tasks", "3", "--json"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        start_new_session=True)
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), DEMO_TIMEOUT_S)
+    assert "header" in json.loads(first)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    rest, err = await asyncio.wait_for(proc.communicate(), DEMO_TIMEOUT_S)
+    output = first.decode() + rest.decode()
+    assert proc.returncode == 1, output + err.decode()
+    assert "Traceback" not in output + err.decode()
+    assert "KeyboardInterrupt" not in output + err.decode()
+    summary = json.loads(output.splitlines()[-1])["summary"]
+    assert summary["interrupted"] is True
+    assert summary["failure"] == ("interrupted (Ctrl-C) while the workers started; "
+                                  "3 sessions never started")
+    assert (summary["never_started"], summary["sessions_started"], summary["lost"]) == (3, 0, 0)
+    assert all(how in ("ok", "stopped during start-up")
+               for how in summary["worker_exits"].values()), summary["worker_exits"]
+    assert summary["worker_logs"] == {}
 
 
 def test_live_model_without_an_api_key_exits_2() -> None:
@@ -234,6 +266,10 @@ def test_tracker_counts_the_kill_the_recovery_and_handoff_latency() -> None:
 def test_summary_is_not_ok_when_a_session_is_lost() -> None:
     summary = DemoSummary(namespace="ns", server="test", model="scripted")
     tracker = DemoTracker(summary, {"a": "p", "b": "q"}, {}, 0.0)
+    assert (summary.sessions_planned, summary.sessions_started, summary.lost) == (2, 0, 0)
+    assert summary.never_started == 2
+    tracker.submitted("a", 0.5)
+    tracker.submitted("b", 0.5)
     tracker.answered("a", 1.0, answer="fine")
     summary.worker_exits = {"research-1": "killed (-9)", "writer-1": "ok"}
     assert summary.lost == 1

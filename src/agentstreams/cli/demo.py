@@ -49,8 +49,12 @@ def demo(
     pace: Annotated[float, typer.Option(
         "--pace", min=0.0, help="Multiplier of the search tool's time (0.8 s).")] = 1.0,
     timeout: Annotated[float, typer.Option(
-        "--timeout", min=1.0, help="Seconds the whole run may take before it counts as failed.")
+        "--timeout", min=1.0, help="Seconds the sessions may take (counted from when every "
+                                   "worker is ready) before the run counts as failed.")
     ] = 60.0,
+    startup_timeout: Annotated[float, typer.Option(
+        "--startup-timeout", min=1.0, help="Seconds the worker processes may take to start.")
+    ] = 120.0,
 ) -> None:
     """triage → research → writer: SDK agents in separate worker processes, shown live.
 
@@ -71,7 +75,8 @@ def demo(
                     "pip install 'agentstreams[cli,agents]')") from exc
     try:
         config = DemoConfig(tasks=tasks, namespace=namespace, pace=pace, timeout_s=timeout,
-                            keep=keep, kill=kill, live_model=live_model)
+                            keep=keep, kill=kill, live_model=live_model,
+                            startup_timeout_s=startup_timeout)
     except AgentStreamsError as exc:
         raise typer.BadParameter(str(exc)) from exc
     display = make_display(json_output=json_output, plain=plain)
@@ -80,6 +85,13 @@ def demo(
     except AgentStreamsError as exc:
         display.close()
         raise _fail(str(exc)) from exc
+    except KeyboardInterrupt:
+        # Ctrl-C before the run could take it over (connecting, starting the server).
+        display.close()
+        Console(stderr=True, highlight=False).print(
+            f"interrupted (Ctrl-C) before the demo started; {tasks} session"
+            f"{'' if tasks == 1 else 's'} never started", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
     finally:
         display.close()
     if not summary.ok:

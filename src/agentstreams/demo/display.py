@@ -96,9 +96,12 @@ def summary_table(summary: DemoSummary, *, plain: bool) -> Table:
     table = Table(show_header=False, box=box.ASCII if plain else box.ROUNDED)
     table.add_column("what", style="" if plain else "bold", no_wrap=True)
     table.add_column("value")
+    notes = [f"{summary.sessions_failed} failed"] if summary.sessions_failed else []
+    if summary.never_started:
+        notes.append(f"{summary.never_started} never started")
     table.add_row("sessions completed",
-                  f"{summary.sessions_completed}/{summary.sessions_started}"
-                  + (f"  ({summary.sessions_failed} failed)" if summary.sessions_failed else ""))
+                  f"{summary.sessions_completed}/{summary.sessions_planned}"
+                  + (f"  ({', '.join(notes)})" if notes else ""))
     table.add_row("handoffs", str(summary.handoffs))
     table.add_row("redeliveries", str(summary.redeliveries))
     table.add_row("duplicates seen by the caller", str(summary.duplicates))
@@ -237,7 +240,10 @@ class LiveDisplay:
             self.console.print(Text(f"stderr of {name}:", style="bold"))
             self.console.print(tail, markup=False, highlight=False)
         problem = summary.problem
-        if problem is None:
+        if summary.interrupted:
+            self.console.print(Text(f"INTERRUPTED: {problem}", style="" if self.plain
+                                    else "bold yellow"), markup=False)
+        elif problem is None:
             self.console.print(Text("OK: every session completed exactly once, nothing lost",
                                     style="" if self.plain else "bold green"))
         else:

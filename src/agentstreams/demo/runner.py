@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.process
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -33,7 +34,7 @@ from agentstreams._events import Event
 from agentstreams._streams import dlq_key, entries_from_read_reply
 from agentstreams.demo.team import AGENT_NAMES, SEARCH_S, prompt_for
 from agentstreams.demo.timeline import KILLED_EVENT, DemoSummary, DemoTracker, TimelineEntry
-from agentstreams.demo.worker import TOOL_STARTED_EVENT, URL_ENV
+from agentstreams.demo.worker import TOOL_STARTED_EVENT, process_main
 from agentstreams.errors import AgentStreamsError, InvalidArgumentError, MalformedEventError
 from agentstreams.integrations.openai_agents import (
     AgentClient,
@@ -69,6 +70,10 @@ WORKER_STOP_TIMEOUT_S = 10.0
 FINAL_EVENTS_WAIT_S = 5.0
 #: Lines of a worker's stderr shown when it failed.
 WORKER_LOG_TAIL_LINES = 15
+#: How long the worker processes get to start and announce themselves (not part of --timeout).
+STARTUP_TIMEOUT_S = 120.0
+#: How a worker that is not to blame for a failed run ended.
+_CLEAN_EXITS = ("ok", "killed (-9)", "stopped during start-up")
 #: Keys deleted per DEL when a generated namespace is removed.
 DELETE_BATCH = 500
 
@@ -87,8 +92,10 @@ class DemoConfig:
     namespace: str | None = None
     #: Multiplier of the search tool's time (0 = instant; the kill then may find no hop).
     pace: float = 1.0
-    #: Deadline for the whole run, worker start-up included.
+    #: Deadline for the sessions, counted from when every worker is ready.
     timeout_s: float = 60.0
+    #: Deadline for the worker processes to start and announce themselves.
+    startup_timeout_s: float = STARTUP_TIMEOUT_S
     #: Keep the generated namespace's keys on a given server afterwards.
     keep: bool = False
     #: ``kill -9`` a research replica inside its first search.
@@ -104,6 +111,9 @@ class DemoConfig:
             raise InvalidArgumentError(f"pace must be >= 0, got {self.pace!r}")
         if self.timeout_s <= 0:
             raise InvalidArgumentError(f"timeout_s must be positive, got {self.timeout_s!r}")
+        if self.startup_timeout_s <= 0:
+            raise InvalidArgumentError("startup_timeout_s must be positive, got "
+                                       f"{self.startup_timeout_s!r}")
         if self.namespace is not None:
             Keys(self.namespace)  # validates it
         if self.visibility_ms < 100:
@@ -139,36 +149,113 @@ def model_label(live_model: bool) -> str:
     return f"OpenAI {get_default_model()} (live, OPENAI_API_KEY)"
 
 
+class _Process:
+    """One worker process forked by the forkserver, watched from the event loop."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self._process = process
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status (negative: the signal that ended it), None while it runs."""
+        return self._process.exitcode
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        self._process.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self._process.kill()
+
+    async def wait(self) -> int:
+        """Wait for the process to end; its exit status."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        sentinel = self._process.sentinel
+
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(sentinel, readable)
+        try:
+            if self._process.exitcode is None:
+                await ended
+        finally:
+            loop.remove_reader(sentinel)
+        self._process.join()
+        code = self._process.exitcode
+        return -1 if code is None else code
+
+
 @dataclass(slots=True)
 class _Worker:
     name: str
     agent: str
-    process: asyncio.subprocess.Process
+    process: _Process
     log_path: Path
     exited: asyncio.Task[int]
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """Worker processes are forked from one server process that imported the worker module
+    (and the SDK) once, instead of four interpreters importing it side by side."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["agentstreams.demo.worker"])
+    return context
+
+
+def warm_up() -> None:
+    """Start the forkserver (and its one import of the SDK) now, e.g. while the server starts.
+
+    It is started with SIGINT ignored (inherited across exec, and Python then installs no
+    KeyboardInterrupt handler): Ctrl-C in the terminal must reach only the runner, which stops
+    the workers itself; a forkserver killed mid-import would leave a traceback and no workers.
+    """
+    from multiprocessing import forkserver
+
+    _forkserver()
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def _start_workers(url: str, namespace: str, config: DemoConfig, log_dir: Path,
                          on_exit: Callable[[], None], workers: dict[str, _Worker]) -> None:
     """Start every worker process into ``workers`` (filled as they start, so a failure half
     way still leaves the started ones to be reaped)."""
-    env = {**os.environ, URL_ENV: url}
-    if not config.live_model:
-        env["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
-    for name, agent in WORKERS.items():
-        log_path = log_dir / f"{name}.log"
-        args = [sys.executable, "-m", "agentstreams.demo.worker", "--namespace", namespace,
-                "--agent", agent, "--name", name, "--visibility-ms", str(config.visibility_ms),
-                "--search-s", repr(SEARCH_S * config.pace)]
-        if config.live_model:
-            args.append("--live-model")
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=log)
-        exited = asyncio.create_task(process.wait(), name=f"demo-exit-{name}")
-        exited.add_done_callback(lambda _task: on_exit())
-        workers[name] = _Worker(name, agent, process, log_path, exited)
+    context = _forkserver()
+    started: list[tuple[str, str, multiprocessing.process.BaseProcess, Path]] = []
+
+    def start_all() -> None:
+        for name, agent in WORKERS.items():
+            log_path = log_dir / f"{name}.log"
+            process = context.Process(  # type: ignore[attr-defined]
+                target=process_main, name=f"agentstreams-demo-{name}",
+                args=(url, namespace, agent, name),
+                kwargs={"visibility_ms": config.visibility_ms,
+                        "search_s": SEARCH_S * config.pace, "live_model": config.live_model,
+                        "log_path": str(log_path)},
+                daemon=False)
+            process.start()
+            started.append((name, agent, process, log_path))
+
+    try:
+        # start() waits for the forkserver (its first use imports the SDK): not on the loop.
+        await asyncio.to_thread(start_all)
+    finally:
+        for name, agent, process, log_path in started:
+            proc = _Process(process)
+            exited = asyncio.create_task(proc.wait(), name=f"demo-exit-{name}")
+            exited.add_done_callback(lambda _task: on_exit())
+            workers[name] = _Worker(name, agent, proc, log_path, exited)
 
 
 class _EventFeed:
@@ -337,6 +424,10 @@ class _Scene:
 
     # ---------------------------------------------------------------- shutdown
 
+    def _never_ready(self, worker: _Worker) -> bool:
+        view = self.tracker.workers.get(worker.name)
+        return view is not None and view.state == "starting"
+
     async def stop_workers(self) -> dict[str, str]:
         """SIGTERM every worker still running; SIGKILL the ones that outlive the timeout."""
         self.stopping = True
@@ -357,6 +448,8 @@ class _Scene:
                     process.kill()
                 await worker.exited
                 return "did not stop (killed)"
+            if code in (0, -signal.SIGTERM) and self._never_ready(worker):
+                return "stopped during start-up"  # SIGTERM may come before its handler
             return "ok" if code == 0 else f"exit {code}"
 
         codes = await asyncio.gather(*(stop(w) for w in self.workers.values()))
@@ -437,6 +530,7 @@ async def run_demo(url: str, config: DemoConfig, display: DemoDisplay, *,
                    embedded: bool = False) -> DemoSummary:
     """Run the demo against the server at ``url`` and return its summary (never raises for a
     run that merely failed: the summary says what went wrong)."""
+    warm_up()
     if not config.live_model:
         from agents import set_tracing_disabled
 
@@ -452,67 +546,87 @@ async def run_demo(url: str, config: DemoConfig, display: DemoDisplay, *,
     recovery = (f"visibility timeout {config.visibility_ms / 1000:g} s; kill -9 of a "
                 f"{KILL_AGENT} replica inside its first search" if config.kill
                 else f"visibility timeout {config.visibility_ms / 1000:g} s; no kill (--no-kill)")
-    display.header({"server": server, "namespace": namespace, "model": model,
-                    "recovery": recovery, "sessions": config.tasks, "chain": list(AGENT_NAMES),
-                    "workers": dict(WORKERS), "events": keys.events}, tracker)
-    deadline = time.monotonic() + config.timeout_s
+    interrupted = asyncio.Event()
+    scene: _Scene | None = None
+
+    def on_ctrl_c() -> None:
+        interrupted.set()
+        if scene is not None:
+            scene.interrupt()
+
     worker_logs: dict[str, str] = {}
     feed = _EventFeed(url, keys.events)
-    scene: _Scene | None = None
-    try:
-        await feed.start_here()
-        async with AgentCoordinator(url, keys.events) as announcer, \
-                AgentClient(url, namespace=namespace) as client:
-            scene = _Scene(url, keys, config, tracker, display, announcer)
-            observer = asyncio.create_task(scene.observe(feed), name="demo-observer")
-            with tempfile.TemporaryDirectory(prefix="agentstreams-demo-") as log_dir, \
-                    _on_sigint(scene.interrupt):
-                try:
-                    display.progress(f"starting {len(WORKERS)} worker processes")
-                    await _start_workers(url, namespace, config, Path(log_dir),
-                                         scene.changed.set, scene.workers)
-                    summary.failure = await _play(scene, client, deadline, observer)
-                    if summary.failure is None:
-                        # The answers are in; let the log catch up with the final events.
-                        await scene.until(lambda: tracker.all_final_seen,
-                                          min(deadline, time.monotonic() + FINAL_EVENTS_WAIT_S),
-                                          observer)
-                    summary.duplicates += client.stats.late_or_duplicate_replies
-                    display.progress("stopping the workers (SIGTERM)")
-                    summary.worker_exits = await scene.stop_workers()
-                finally:
-                    for worker in scene.workers.values():  # after an exception only
-                        if worker.process.returncode is None:
-                            with contextlib.suppress(ProcessLookupError):
-                                worker.process.kill()
-                            await worker.exited
-                    await scene.finish_observing(observer)
-                for name, worker in scene.workers.items():
-                    tail = _log_tail(worker.log_path)
-                    if tail and summary.worker_exits.get(name) not in ("ok", "killed (-9)"):
-                        worker_logs[name] = tail
-        with contextlib.suppress(AgentStreamsError):
-            summary.dead_letters = await _dead_letters(url, keys)
-    finally:
-        await feed.aclose()
-        if not embedded and config.namespace is None and not config.keep:
+    # Ctrl-C from here on ends the run through the normal path: no traceback, a summary.
+    with _on_sigint(on_ctrl_c):
+        display.header({"server": server, "namespace": namespace, "model": model,
+                        "recovery": recovery, "sessions": config.tasks,
+                        "chain": list(AGENT_NAMES), "workers": dict(WORKERS),
+                        "events": keys.events}, tracker)
+        # Start-up has its own bound; --timeout counts from when every worker is ready.
+        startup_deadline = time.monotonic() + config.startup_timeout_s
+        try:
+            await feed.start_here()
+            async with AgentCoordinator(url, keys.events) as announcer, \
+                    AgentClient(url, namespace=namespace) as client:
+                scene = _Scene(url, keys, config, tracker, display, announcer)
+                if interrupted.is_set():
+                    scene.interrupt()
+                observer = asyncio.create_task(scene.observe(feed), name="demo-observer")
+                with tempfile.TemporaryDirectory(prefix="agentstreams-demo-") as log_dir:
+                    try:
+                        display.progress(f"starting {len(WORKERS)} worker processes")
+                        await _start_workers(url, namespace, config, Path(log_dir),
+                                             scene.changed.set, scene.workers)
+                        summary.failure, deadline = await _play(scene, client,
+                                                                startup_deadline, observer)
+                        if summary.failure is None:
+                            # The answers are in; let the log catch up with the final events.
+                            await scene.until(
+                                lambda: tracker.all_final_seen,
+                                min(deadline, time.monotonic() + FINAL_EVENTS_WAIT_S), observer)
+                        summary.duplicates += client.stats.late_or_duplicate_replies
+                        display.progress("stopping the workers (SIGTERM)")
+                        summary.worker_exits = await scene.stop_workers()
+                    finally:
+                        for worker in scene.workers.values():  # after an exception only
+                            if worker.process.returncode is None:
+                                with contextlib.suppress(ProcessLookupError):
+                                    worker.process.kill()
+                                await worker.exited
+                        await scene.finish_observing(observer)
+                    for name, worker in scene.workers.items():
+                        tail = _log_tail(worker.log_path)
+                        if tail and summary.worker_exits.get(name) not in _CLEAN_EXITS:
+                            worker_logs[name] = tail
             with contextlib.suppress(AgentStreamsError):
-                await _delete_namespace(url, namespace)
+                summary.dead_letters = await _dead_letters(url, keys)
+        finally:
+            await feed.aclose()
+            if not embedded and config.namespace is None and not config.keep:
+                with contextlib.suppress(AgentStreamsError):
+                    await _delete_namespace(url, namespace)
+    summary.interrupted = interrupted.is_set()
     display.summary(summary, worker_logs)
     return summary
 
 
-async def _play(scene: _Scene, client: AgentClient, deadline: float,
-                observer: asyncio.Task[None]) -> str | None:
-    """Workers ready, then every session answered; returns what failed (None: all answered)."""
+async def _play(scene: _Scene, client: AgentClient, startup_deadline: float,
+                observer: asyncio.Task[None]) -> tuple[str | None, float]:
+    """Workers ready (by ``startup_deadline``), then every session answered within the
+    run's timeout; returns what failed (None: all answered) and the run's deadline."""
     tracker, config = scene.tracker, scene.config
-    problem = await scene.until(lambda: tracker.all_ready, deadline, observer)
+    problem = await scene.until(lambda: tracker.all_ready, startup_deadline, observer)
     if problem is not None:
+        never = f"{count_sessions(config.tasks)} never started"
         if problem == "timeout":
             missing = [w.name for w in tracker.workers.values() if w.state == "starting"]
-            return f"timed out after {config.timeout_s:g}s waiting for workers " \
-                   f"{', '.join(missing)}"
-        return problem
+            return (f"timed out after {config.startup_timeout_s:g}s waiting for workers "
+                    f"{', '.join(missing)} to start; {never}"), startup_deadline
+        if scene.interrupted:
+            return f"interrupted (Ctrl-C) while the workers started; {never}", \
+                startup_deadline
+        return f"{problem}; {never}", startup_deadline
+    deadline = time.monotonic() + config.timeout_s
     scene.display.progress(f"{config.tasks} sessions running")
     sessions = asyncio.create_task(scene.run_sessions(client, deadline), name="demo-sessions")
     sessions.add_done_callback(lambda _task: scene.changed.set())
@@ -525,17 +639,27 @@ async def _play(scene: _Scene, client: AgentClient, deadline: float,
     error = sessions.exception() if sessions.done() and not sessions.cancelled() else None
     if error is not None:
         raise error
+    answered = sum(1 for s in tracker.sessions.values() if s.answers)
     if problem == "timeout":
-        answered = sum(1 for s in tracker.sessions.values() if s.answers)
         return f"timed out after {config.timeout_s:g}s with {answered} of {config.tasks} " \
-               "sessions answered"
-    return problem
+               "sessions answered", deadline
+    if problem is not None and scene.interrupted:
+        return f"interrupted (Ctrl-C) with {answered} of {config.tasks} sessions " \
+               "answered", deadline
+    return problem, deadline
+
+
+def count_sessions(n: int) -> str:
+    """``1 session``, ``3 sessions``."""
+    return f"{n} session{'' if n == 1 else 's'}"
 
 
 def run(config: DemoConfig, display: DemoDisplay, url: str | None = None) -> DemoSummary:
     """Run the demo; without ``url``, on an embedded Valkey started and stopped here."""
     if url is not None:
+        warm_up()
         return asyncio.run(run_demo(url, config, display))
+    warm_up()  # the workers' one import runs while the server starts
     display.progress("starting the embedded Valkey")
     with LocalServer("valkey") as server:
         return asyncio.run(run_demo(server.url, config, display, embedded=True))

@@ -200,6 +200,9 @@ class DemoSummary:
     namespace: str
     server: str
     model: str
+    #: sessions the run was to send
+    sessions_planned: int = 0
+    #: sessions whose request was sent
     sessions_started: int = 0
     sessions_completed: int = 0
     sessions_failed: int = 0
@@ -217,11 +220,18 @@ class DemoSummary:
     worker_exits: dict[str, str] = field(default_factory=dict)
     sessions: list[SessionView] = field(default_factory=list)
     failure: str | None = None
+    #: the run was ended by Ctrl-C
+    interrupted: bool = False
+
+    @property
+    def never_started(self) -> int:
+        """Sessions whose request was never sent (start-up failed or was interrupted)."""
+        return max(0, self.sessions_planned - self.sessions_started)
 
     @property
     def lost(self) -> int:
         """Sessions submitted that never got a result (neither an answer nor an error)."""
-        return self.sessions_started - self.sessions_completed - self.sessions_failed
+        return max(0, self.sessions_started - self.sessions_completed - self.sessions_failed)
 
     @property
     def sample_answer(self) -> str | None:
@@ -235,7 +245,7 @@ class DemoSummary:
         cleanly."""
         errors = self.events_by_type.get(EventType.ERROR.value, 0)
         unclean = [name for name, how in self.worker_exits.items()
-                   if how not in ("ok", "killed (-9)")]
+                   if how not in ("ok", "killed (-9)", "stopped during start-up")]
         if self.failure:
             return self.failure
         if self.sessions_started == 0:
@@ -268,7 +278,10 @@ class DemoSummary:
         return {
             "ok": self.ok, "failure": self.problem, "namespace": self.namespace,
             "server": self.server, "model": self.model,
+            "interrupted": self.interrupted,
+            "sessions_planned": self.sessions_planned,
             "sessions_started": self.sessions_started,
+            "never_started": self.never_started,
             "sessions_completed": self.sessions_completed,
             "sessions_failed": self.sessions_failed, "lost": self.lost,
             "duplicates": self.duplicates, "handoffs": self.handoffs,
@@ -300,7 +313,8 @@ class DemoTracker:
                          for i, (sid, prompt) in enumerate(sessions.items(), 1)}
         self.workers = {name: WorkerView(name, agent) for name, agent in workers.items()}
         summary.sessions = list(self.sessions.values())
-        summary.sessions_started = len(self.sessions)
+        summary.sessions_planned = len(self.sessions)
+        summary.sessions_started = 0
         self._seen_event_ids: set[str] = set()
         self._counts: Counter[str] = Counter()
         self._offered_at: dict[tuple[str, int], float] = {}
@@ -327,7 +341,10 @@ class DemoTracker:
 
     def submitted(self, session_id: str, at: float) -> None:
         """The caller sent the session's request."""
-        self.sessions[session_id].submitted_at = at
+        session = self.sessions[session_id]
+        if session.submitted_at is None:
+            self.summary.sessions_started += 1
+        session.submitted_at = at
 
     def answered(self, session_id: str, at: float, answer: str | None = None,
                  error: str | None = None) -> None:

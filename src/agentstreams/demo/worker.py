@@ -91,6 +91,34 @@ async def serve(url: str, namespace: str, agent: str, name: str, *, visibility_m
         await announce(STOPPED_EVENT, {"agent_name": agent, "stats": worker.stats.as_dict()})
 
 
+def process_main(url: str, namespace: str, agent: str, name: str, *, visibility_ms: int,
+                 search_s: float, live_model: bool, log_path: str) -> None:
+    """Body of one worker process forked by the demo runner (``multiprocessing`` forkserver,
+    which imported this module, and with it the SDK, once for all the workers).
+
+    The process leaves the terminal's process group, so Ctrl-C reaches only the runner, which
+    stops the workers with SIGTERM; a SIGTERM before the worker is serving exits quietly.
+    """
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
+    with contextlib.suppress(OSError):
+        os.setsid()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.dup2(log, 2)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not live_model:
+        os.environ["OPENAI_AGENTS_DISABLE_TRACING"] = "1"
+        from agents import set_tracing_disabled
+
+        set_tracing_disabled(True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(url, namespace, agent, name, visibility_ms=visibility_ms,
+                          search_s=search_s, live_model=live_model))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line of one worker process (started by the demo runner)."""
     parser = argparse.ArgumentParser(prog="python -m agentstreams.demo.worker")
