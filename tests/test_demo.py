@@ -336,7 +336,8 @@ def test_a_redelivery_of_a_session_the_victim_did_not_hold_is_not_its_recovery()
     tracker.record(_claimed("a", 1, "research", "research-2", 101.9, delivery=2), 101.9)
     assert summary.kill is not None
     assert summary.kill.held == ["s2"]
-    assert summary.kill.reclaimed_by is None
+    first = summary.kill.reclaimed_by
+    assert first is None
     tracker.record(_claimed("b", 1, "research", "research-2", 102.6, delivery=2), 102.6)
     assert summary.kill.reclaimed_by == "research-2"
     assert abs((summary.kill.recovery_s or 0) - 1.1) < 1e-6
