@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams import AgentCoordinator, DeadLetter, DeadLetterQueue, MalformedEventError
+from agentstreams import (
+    AgentCoordinator,
+    DeadLetter,
+    DeadLetterQueue,
+    Event,
+    InvalidArgumentError,
+    MalformedEventError,
+    Publisher,
+    Reject,
+    Worker,
+)
 from agentstreams._codec import encode_event
 from agentstreams._connection import ConnectionSettings, create_client
 from agentstreams._constants import DLQ_TRACEBACK_MAX_CHARS
 from agentstreams._dlq import dead_letter, format_error, format_traceback
 from agentstreams._streams import dlq_key
-from conftest import pending_rows, stream_entries, stream_ids, xadd_raw
+from conftest import pending_rows, stream_entries, stream_ids, wait_for, xadd_raw
 
 MakeCoordinator = Callable[..., AgentCoordinator]
 
@@ -117,7 +128,7 @@ async def test_original_fields_named_like_metadata_survive(
     assert letter.fields == fields
     [(_, new_id)] = await queue.replay([dlq_id])
     [(_, replayed)] = [e for e in await stream_entries(raw, stream_name) if e[0] == new_id]
-    assert replayed == fields
+    assert replayed == {**fields, b"_grp": b"g"}  # the fields, routed to the failed group
 
 
 async def test_malformed_bytes_are_kept_exactly(
@@ -167,7 +178,7 @@ async def test_replay_puts_events_back_with_the_same_event_id(
     [letter] = await queue.list()
     event_id = letter.fields[b"_eid"].decode()
 
-    [(dlq_id, new_id)] = await queue.replay()
+    [(dlq_id, new_id)] = await queue.replay(all_letters=True)
     assert dlq_id == letter.dlq_id
     assert new_id != msg_id
     assert await queue.length() == 0
@@ -206,7 +217,7 @@ async def test_purge(client: aioredis.Redis, raw: aioredis.Redis, stream_name: s
     assert await queue.purge([dlq_ids[1], dlq_ids[2]], where=lambda x: x.reason == "a") == 1
     assert await queue.purge(where=lambda x: x.reason == "b") == 3  # 1, 3 and 5
     assert [x.dlq_id for x in await queue.list()] == [dlq_ids[4]]
-    assert await queue.purge() == 1
+    assert await queue.purge(all_letters=True) == 1
     assert await queue.length() == 0
 
 
@@ -257,3 +268,61 @@ def test_a_long_traceback_keeps_its_last_part() -> None:
     assert text.startswith("...\n")
     assert text.rstrip().endswith("ValueError: level 60 " + "x" * 200)
     assert format_traceback(RuntimeError("never raised")) == ""
+
+
+async def test_replay_runs_again_only_in_the_group_where_it_died(
+        redis_url: str, raw: aioredis.Redis, stream_name: str) -> None:
+    """Two groups take the stream; one handled the event, the other dead-lettered it. A
+    replay runs it again in the failed group only (the other acknowledges it unseen);
+    ``all_groups=True`` gives it to both."""
+    runs: dict[str, list[int]] = {"ok": [], "picky": []}
+    fail_once = {"picky": True}
+    workers = []
+    for group in ("ok", "picky"):
+        worker = Worker(redis_url, stream_name, group, probe_server=False, block_ms=100)
+
+        async def handle(event: Event, group: str = group) -> None:
+            runs[group].append(event["n"])
+            if fail_once.get(group):
+                raise Reject("not yet")
+
+        worker.add_handler(handle)
+        workers.append(worker)
+    try:
+        for worker in workers:
+            await worker.start()
+        await Publisher(raw, stream_name).publish("task", {"n": 1})
+        queue = DeadLetterQueue(raw, stream_name)
+
+        async def dead_letters(count: int) -> bool:
+            return await queue.length() == count
+
+        await wait_for(lambda: dead_letters(1), message="the picky group's dead letter")
+        with pytest.raises(InvalidArgumentError, match="all_letters=True"):
+            await queue.replay()
+        fail_once["picky"] = False
+        [_replayed] = await queue.replay(all_letters=True)
+
+        async def settled() -> bool:
+            return runs["picky"] == [1, 1] and await _pending_total(raw, stream_name) == 0
+
+        await wait_for(settled, message="the replay handled by the picky group")
+        assert runs["ok"] == [1]  # the group that had handled it did not run it again
+        fail_once["picky"] = True
+        await Publisher(raw, stream_name).publish("task", {"n": 2})
+        await wait_for(lambda: dead_letters(1), message="a second dead letter")
+        fail_once["picky"] = False
+        await queue.replay(all_letters=True, all_groups=True)
+
+        async def both() -> bool:
+            return runs["ok"] == [1, 2, 2] and runs["picky"] == [1, 1, 2, 2]
+
+        await wait_for(both, message="the replay to every group")
+    finally:
+        for worker in workers:
+            await worker.stop(timeout_s=2)
+
+
+async def _pending_total(raw: aioredis.Redis, stream: str) -> int:
+    groups: Any = await raw.xinfo_groups(stream)
+    return sum(int(g["pending"]) for g in groups)

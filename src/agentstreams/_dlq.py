@@ -31,6 +31,7 @@ from agentstreams._constants import (
     DLQ_FIELD_REASON,
     DLQ_FIELD_TRACEBACK,
     DLQ_TRACEBACK_MAX_CHARS,
+    FIELD_FOR_GROUP,
 )
 from agentstreams._events import Event
 from agentstreams._streams import dlq_key, entries_from_read_reply, to_str
@@ -38,6 +39,7 @@ from agentstreams.errors import InvalidArgumentError
 
 __all__ = ["DeadLetter", "DeadLetterQueue", "dead_letter", "format_error", "format_traceback"]
 
+_B_FOR_GROUP = FIELD_FOR_GROUP.encode()
 logger = logging.getLogger("agentstreams.dlq")
 
 _META_FIELDS = (
@@ -256,12 +258,20 @@ class DeadLetterQueue:
     async def replay(
         self, ids: Iterable[str] | None = None, *,
         where: Callable[[DeadLetter], bool] | None = None,
+        all_letters: bool = False,
+        all_groups: bool = False,
     ) -> builtins.list[tuple[str, str]]:
         """Put dead letters back on this queue's stream (new stream id, same event id).
 
-        ``ids`` selects dead letters by id; ``None`` means all of them (filtered by ``where``).
-        Returns (dead-letter id, new stream id) pairs. Each replay is atomic.
+        Select by ``ids``, by ``where``, or every dead letter with ``all_letters=True`` (never
+        by default). A replayed event runs again only in the consumer group where it died
+        (the others acknowledge it without running it: they handled it already); with
+        ``all_groups=True`` every group gets it again. Returns (dead-letter id, new stream id)
+        pairs. Each replay is atomic.
         """
+        if ids is None and where is None and not all_letters:
+            raise InvalidArgumentError("say which dead letters to replay: ids, where=, or "
+                                       "all_letters=True")
         if ids is not None:
             letters = [x for x in [await self.get(i) for i in ids] if x is not None]
             if where is not None:
@@ -280,7 +290,10 @@ class DeadLetterQueue:
             target = self.stream
             args: list[Any] = [letter.dlq_id]
             for key, value in letter.fields.items():
-                args += [key, value]
+                if key != _B_FOR_GROUP:  # a dead letter of a replay: route it afresh
+                    args += [key, value]
+            if letter.group and not all_groups:
+                args += [_B_FOR_GROUP, letter.group.encode()]
             new_id = await call(lambda a=args, t=target: self._replay(  # type: ignore[misc]
                 keys=[self.key, t], args=a), stream=self.key)
             if new_id is not None:
@@ -288,9 +301,14 @@ class DeadLetterQueue:
         return out
 
     async def purge(self, ids: Iterable[str] | None = None, *,
-                    where: Callable[[DeadLetter], bool] | None = None) -> int:
-        """Delete dead letters (``None`` = all matching ``where``); returns how many."""
+                    where: Callable[[DeadLetter], bool] | None = None,
+                    all_letters: bool = False) -> int:
+        """Delete dead letters by ``ids``, by ``where``, or every one with
+        ``all_letters=True`` (never by default); returns how many."""
         if ids is None and where is None:
+            if not all_letters:
+                raise InvalidArgumentError("say which dead letters to purge: ids, where=, or "
+                                           "all_letters=True")
             removed = await call(lambda: self.client.xtrim(self.key, maxlen=0,
                                                            approximate=False), stream=self.key)
             return int(removed)

@@ -32,6 +32,7 @@ from agentstreams._constants import (
     DLQ_REASON_MALFORMED,
     DLQ_REASON_MAX_DELIVERIES,
     DLQ_REASON_UNAUTHENTICATED,
+    FIELD_FOR_GROUP,
 )
 from agentstreams._dlq import dead_letter
 from agentstreams._events import Event
@@ -48,6 +49,7 @@ from agentstreams.errors import MalformedEventError
 
 __all__ = ["DeadLetterRequest", "Intake", "IntakeCounters", "Sorted"]
 
+_B_FOR_GROUP = FIELD_FOR_GROUP.encode()
 logger = logging.getLogger("agentstreams.intake")
 
 
@@ -99,8 +101,9 @@ class Sorted:
     fields: list[dict[bytes, bytes]] = field(default_factory=list)
     #: Entries to move to the dead-letter stream.
     dead: list[DeadLetterRequest] = field(default_factory=list)
-    #: Ids deleted or trimmed while pending: nothing to run; acknowledge them.
-    lost: list[str] = field(default_factory=list)
+    #: Ids to acknowledge without running: deleted or trimmed while pending, or replayed
+    #: from the dead-letter stream for another group.
+    settle: list[str] = field(default_factory=list)
 
 
 def _entries_fast(reply: Any) -> list[RawEntry] | None:
@@ -141,6 +144,7 @@ class Intake:
         self.client = client
         self.stream = stream
         self.group = group
+        self._group_bytes = group.encode()
         self.consumer = consumer
         self.max_deliveries = max_deliveries
         self.max_event_bytes = max_event_bytes
@@ -265,7 +269,11 @@ class Intake:
                 logger.warning("pending entry %s was deleted or trimmed before it was "
                                "acknowledged; it is lost", msg_id,
                                extra=self._log_extra(msg_id=msg_id))
-                out.lost.append(msg_id)
+                out.settle.append(msg_id)
+                continue
+            target = fields.get(_B_FOR_GROUP)
+            if target is not None and target != self._group_bytes:
+                out.settle.append(msg_id)  # a replay for the group where it died, not us
                 continue
             if deliveries > max_deliveries:
                 out.dead.append(DeadLetterRequest(

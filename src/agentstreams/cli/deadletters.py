@@ -253,10 +253,15 @@ def replay_command(
     reason: ReasonOption = None,
     event_type: TypeOption = None,
     group: GroupOption = None,
+    all_groups: Annotated[bool, typer.Option(
+        "--all-groups", help="Run them again in every consumer group, not only the one "
+                             "where each died (groups that handled them would run them "
+                             "twice).")] = False,
     redis_url: RedisUrlOption = DEFAULT_REDIS_URL,
     as_json: JsonOption = False,
 ) -> None:
-    """Put dead letters back on their stream: by id, by filter, or --all."""
+    """Put dead letters back on their stream, for the group where each died: by id, by
+    filter, or --all."""
     wanted = list(ids or [])
     where = _filter(reason, event_type, group)
     _check_selection(wanted, select_all, where, "replay", as_json)
@@ -267,13 +272,17 @@ def replay_command(
         if wanted and not present:
             replayed: list[tuple[str, str]] = []
         else:
-            replayed = await queue.replay(present or None, where=where)
+            replayed = await queue.replay(present or None, where=where,
+                                          all_letters=select_all and not present,
+                                          all_groups=all_groups)
         if as_json:
             emit_json({"stream": stream,
                        "replayed": [{"dlq_id": d, "new_id": n} for d, n in replayed],
                        "not_found": missing})
         else:
-            out.print(Text(f"replayed {count_of(len(replayed), 'dead letter')} onto {stream!r}"))
+            scope = "for every group" if all_groups else "for the group where each died"
+            out.print(Text(f"replayed {count_of(len(replayed), 'dead letter')} onto {stream!r} "
+                           f"({scope})"))
             for dead_id, new_id in replayed:
                 out.print(f"  {dead_id} -> {new_id}")
         if missing:
