@@ -520,8 +520,8 @@ def trim_command(
                        f"{before} -> {after}"))
         if result.limited_by_groups:
             out.print(Text(held_text(result, kept), style="yellow"))
-            out.print(Text(f"(entries from {result.floor_id} on are kept; --force removes them "
-                           "anyway, and they are then lost to that group; a group nobody reads "
-                           "any more should be removed: XGROUP DESTROY)", style="yellow"))
+            out.print(Text(f"(--force removes them anyway: they are then lost to that group; a "
+                           f"group nobody reads any more should be removed: XGROUP DESTROY "
+                           f"{stream} {result.held_by})", style="yellow"))
 
     run(redis_url, as_json, command)
