@@ -255,15 +255,18 @@ class ReplyReader:
         """Stop reading (promptly: within about one block). Idempotent."""
         self._closed = True
         task = self._task
-        if task is None or task.done():
+        if task is None:
             return
         task.cancel()
         # redis-py can swallow the cancellation of a blocking read, so the loop also checks
         # _closed. asyncio.wait, unlike awaiting the task, never eats the caller's own cancel.
         done, _ = await asyncio.wait([task], timeout=self.block_ms / 1000 * 3)
         if not done:
-            logger.warning("the reply reader of %r did not stop", self.stream,
-                           extra={"stream": self.stream})
+            logger.warning("the reply reader of %r did not stop; closing its connection "
+                           "anyway", self.stream, extra={"stream": self.stream})
+        elif not task.cancelled() and task.exception() is not None:
+            logger.warning("the reply reader of %r had failed: %r", self.stream,
+                           task.exception(), extra={"stream": self.stream})
 
     async def _run(self) -> None:
         client, stream = self.client, self.stream

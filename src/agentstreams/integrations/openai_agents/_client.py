@@ -22,15 +22,18 @@ import orjson
 from agents.tracing import gen_trace_id
 
 from agentstreams._codec import decode_entry
-from agentstreams._connection import Backoff, ConnectionSettings, Redis, call, create_client
-from agentstreams._constants import DEFAULT_MAX_EVENT_BYTES, SOCKET_TIMEOUT_MARGIN_S
+from agentstreams._connection import ConnectionSettings, Redis, create_client
+from agentstreams._constants import (
+    DEFAULT_MAX_EVENT_BYTES,
+    REPLY_BLOCK_MS,
+    SOCKET_TIMEOUT_MARGIN_S,
+)
 from agentstreams._events import EventType
 from agentstreams._publisher import Publisher, StreamCap
+from agentstreams._reply import ReplyReader
 from agentstreams._signing import SigningKeys, signing_keys_from
-from agentstreams._streams import entries_from_read_reply
 from agentstreams.errors import (
     ClosedError,
-    ConnectionLostError,
     InvalidArgumentError,
     MalformedEventError,
     SerializationError,
@@ -55,9 +58,6 @@ from agentstreams.integrations.openai_agents._wire import (
 __all__ = ["AgentClient", "AgentRunResult", "ClientStats"]
 
 logger = logging.getLogger("agentstreams.agents.client")
-
-#: Blocking read of the reply stream; short, so close() is prompt and a dead link is noticed.
-REPLY_BLOCK_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +141,8 @@ class AgentClient:
         self._client: Redis | None = None
         self._status: StatusStore | None = None
         self._pending: dict[str, asyncio.Future[RunReply]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._reader_ready = asyncio.Event()
+        #: the core's reply reader (XREAD with short blocks, XDEL of what was read)
+        self._reader: ReplyReader | None = None
         self._closed = False
         self.stats = ClientStats()
 
@@ -161,8 +161,9 @@ class AgentClient:
                 assert self._settings is not None
                 self._client = create_client(self._settings)
         self._status = StatusStore(self._client, self.keys, self._status_ttl_s)
-        self._reader = asyncio.create_task(self._read_replies(), name="agentstreams-replies")
-        await self._reader_ready.wait()
+        self._reader = ReplyReader(self._client, self.reply_stream, self._dispatch,
+                                   block_ms=REPLY_BLOCK_MS)
+        self._reader.start()
 
     async def close(self) -> None:
         """Stop reading, fail waiting calls, delete the reply stream. Idempotent."""
@@ -170,16 +171,7 @@ class AgentClient:
             return
         self._closed = True
         if self._reader is not None:
-            reader = self._reader
-            reader.cancel()
-            # redis-py can swallow the cancellation of a blocking read (seen with 8.1 under
-            # load), so the loop also checks _closed: it ends after at most one more read.
-            # asyncio.wait, unlike awaiting the task, never eats the caller's own cancel.
-            done, _ = await asyncio.wait([reader], timeout=REPLY_BLOCK_MS / 1000 * 3)
-            if not done:
-                logger.warning("the reply reader did not stop; closing its connection anyway")
-            elif not reader.cancelled() and reader.exception() is not None:
-                logger.warning("the reply reader had failed: %r", reader.exception())
+            await self._reader.close()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ClosedError("the AgentClient was closed"))
@@ -333,34 +325,6 @@ class AgentClient:
         return await store.get(run_id)
 
     # ---------------------------------------------------------------- replies
-
-    async def _read_replies(self) -> None:
-        client, _ = self._connected()
-        last_id = "0-0"
-        backoff = Backoff()
-        while not self._closed:
-            try:
-                self._reader_ready.set()
-                reply = await call(lambda start=last_id: client.xread(  # type: ignore[misc]
-                    {self.reply_stream: start}, count=100, block=REPLY_BLOCK_MS),
-                    stream=self.reply_stream)
-                backoff.reset()
-            except ConnectionLostError as exc:
-                delay = backoff.next_delay()
-                logger.warning("reply reader lost its connection (%s); retrying in %.2fs", exc,
-                               delay, extra={"stream": self.reply_stream})
-                await asyncio.sleep(delay)
-                continue
-            done: list[str] = []
-            for msg_id, fields in entries_from_read_reply(reply):
-                last_id = msg_id
-                done.append(msg_id)
-                if fields is not None:
-                    self._dispatch(msg_id, fields)
-            if done:
-                with contextlib.suppress(ConnectionLostError):  # private stream: keep it small
-                    await call(lambda d=done: client.xdel(  # type: ignore[misc]
-                        self.reply_stream, *d), stream=self.reply_stream)
 
     def _dispatch(self, msg_id: str, fields: dict[bytes, bytes]) -> None:
         if self._verifier is not None:  # before anything decodes the entry
