@@ -356,7 +356,7 @@ async def test_operator_claims_replays_purges_and_trims(acl: AclServer) -> None:
     assert purge.code == 0, purge.err
     assert await acl.admin.xlen(dlq_key(stream)) == 0
     trim = await cli("trim", stream, "--maxlen", "1", "--json", url=url)
-    forced = await cli("trim", stream, "--maxlen", "1", "--force", "--json", url=url)
+    forced = await cli("trim", stream, "--maxlen", "1", "--force", "--yes", "--json", url=url)
     assert (trim.code, forced.code) == (0, 0), trim.err + forced.err
     assert await acl.admin.xlen(stream) == 1
     await acl.admin.script_flush()  # the replay script is loaded again after NOSCRIPT

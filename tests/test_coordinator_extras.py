@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from agentstreams import (
     AgentCoordinator,
+    IdempotencyConflictError,
     InvalidArgumentError,
     PayloadTooLargeError,
     SerializationError,
@@ -178,8 +179,9 @@ async def test_generic_publish_with_idempotency_key(
     coordinator = make_coordinator()
     first = await coordinator.publish("custom_type", {"x": [1]}, idempotency_key="job-1")
     again = await coordinator.publish("custom_type", {"x": [1]}, idempotency_key="job-1")
-    also = await coordinator.publish_handoff_ready("a", "b", "s", {}, idempotency_key="job-1")
-    assert first == again == also
+    assert first == again
+    with pytest.raises(IdempotencyConflictError):  # the key of another event
+        await coordinator.publish_handoff_ready("a", "b", "s", {}, idempotency_key="job-1")
     other = await coordinator.publish_handoff_ready("a", "b", "s", {}, idempotency_key="job-2")
     assert other != first
     assert await stream_ids(raw, stream_name) == [first, other]

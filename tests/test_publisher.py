@@ -10,9 +10,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from agentstreams import (
+    AgentCoordinator,
     AgentStreamsError,
     BackpressureError,
     ConnectionLostError,
+    IdempotencyConflictError,
     InvalidArgumentError,
     Publisher,
     PublishTimeoutError,
@@ -49,8 +51,15 @@ async def test_idempotent_publish_writes_once(client: aioredis.Redis, raw: aiore
                                               stream_name: str) -> None:
     publisher = Publisher(client, stream_name)
     first = await publisher.publish("t", {"n": 1}, idempotency_key="order-42")
-    second = await publisher.publish("t", {"n": 2}, idempotency_key="order-42")
+    second = await publisher.publish("t", {"n": 1}, idempotency_key="order-42")  # a retry
     assert first == second
+    assert await stream_ids(raw, stream_name) == [first]
+    # The same key for another event is a caller's bug, not a retry: it is refused.
+    with pytest.raises(IdempotencyConflictError) as conflict:
+        await publisher.publish("t", {"n": 2}, idempotency_key="order-42")
+    assert conflict.value.first_id == first
+    with pytest.raises(IdempotencyConflictError):
+        await publisher.publish("other", {"n": 1}, idempotency_key="order-42")
     assert await stream_ids(raw, stream_name) == [first]
     # The key lives next to the stream (same hash tag) and expires with the window.
     ttl_ms = await raw.pttl(f"{{{stream_name}}}:idem:order-42")
@@ -304,3 +313,19 @@ async def test_xadd_by_another_client_is_not_idempotent(
     await xadd_raw(raw, stream_name, {b"type": b"t"})
     await xadd_raw(raw, stream_name, {b"type": b"t"})
     assert await raw.xlen(stream_name) == 2
+
+
+async def test_a_retried_helper_publish_is_the_same_event(
+        redis_url: str, raw: aioredis.Redis, stream_name: str) -> None:
+    """publish_* helpers stamp a new timestamp on every call: a retry with the same key is
+    still recognised as the same event (the timestamp is not part of what must match)."""
+    async with AgentCoordinator(redis_url, stream_name) as coordinator:
+        first = await coordinator.publish_state_changed("s1", {"status": "approved"},
+                                                        idempotency_key="approve:s1")
+        again = await coordinator.publish_state_changed("s1", {"status": "approved"},
+                                                        idempotency_key="approve:s1")
+        assert again == first
+        with pytest.raises(IdempotencyConflictError, match="approve:s1"):
+            await coordinator.publish_state_changed("s1", {"status": "rejected"},
+                                                    idempotency_key="approve:s1")
+    assert await stream_ids(raw, stream_name) == [first]

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
 import redis.exceptions as redis_exc
 
 from agentstreams import _scripts as scripts
@@ -40,6 +41,7 @@ from agentstreams._constants import (
     DEFAULT_IDEMPOTENCY_WINDOW_S,
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_SOCKET_TIMEOUT_S,
+    FIELD_TIMESTAMP,
 )
 from agentstreams._events import EventType
 from agentstreams._observe import get_observer
@@ -49,6 +51,7 @@ from agentstreams._transport import MaybeWrittenError, Pipe, exchange
 from agentstreams.errors import (
     AgentStreamsError,
     ConnectionLostError,
+    IdempotencyConflictError,
     InvalidArgumentError,
     PermissionDeniedError,
     PublishTimeoutError,
@@ -110,6 +113,15 @@ class StreamCap:
             return ["MAXLEN", op, self.value]
         return ["MINID", op, f"{max(0, int(time.time() * 1000) - self.value)}-0"]
 
+
+
+def _payload_digest(event_type: str | EventType, fields: Mapping[str, Any]) -> str:
+    """What makes two idempotent publishes "the same event": the type and the fields, but
+    not ``timestamp`` (a retry stamps a new one; the publish_* helpers always do)."""
+    type_text = event_type.value if isinstance(event_type, EventType) else event_type
+    payload = {name: value for name, value in fields.items() if name != FIELD_TIMESTAMP}
+    data = orjson.dumps([type_text, payload], option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
 
 class Publisher:
     """Writes events to one stream. Cheap to create; shares the client it is given.
@@ -489,11 +501,13 @@ class Publisher:
                                         traceparent=traceparent, tracestate=tracestate,
                                         stream=self.stream, signer=self._signer)
         cap = self._current_cap_args()
-        # KEYS: stream, idempotency key. ARGV: window ms, n cap args, cap args..., fields...
+        digest = _payload_digest(event_type, fields)
+        # KEYS: stream, idempotency key. ARGV: window ms, digest, n cap args, cap args...,
+        # fields...
         tail = (f"$1\r\n2\r\n{self._key_resp}{_bulk(idempotency_key_name(self.stream, key))}"
-                f"{_bulk(str(int(self.idempotency_window_s * 1000)))}{_bulk(str(len(cap)))}"
-                + "".join(_bulk(str(a)) for a in cap) + body)
-        count = 7 + len(cap) + nargs
+                f"{_bulk(str(int(self.idempotency_window_s * 1000)))}{_bulk(digest)}"
+                f"{_bulk(str(len(cap)))}" + "".join(_bulk(str(a)) for a in cap) + body)
+        count = 8 + len(cap) + nargs
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         try:
@@ -510,7 +524,15 @@ class Publisher:
             raise translate_error(exc, stream=self.stream) from exc
         if isinstance(reply, Exception):
             raise self._refused(reply)
-        created, msg_id = reply
+        created, remembered = reply
         if created == 1:
             get_observer().on_published(self.stream, 1)
-        return to_str(msg_id)
+            return to_str(remembered)
+        msg_id, _, first_digest = to_str(remembered).partition(" ")
+        if first_digest and first_digest != digest:  # (keys from before digests: no check)
+            raise IdempotencyConflictError(
+                f"idempotency key {key!r} already published a different event (stream id "
+                f"{msg_id}) within its {self.idempotency_window_s:g} s window; a retry must "
+                "repeat the same event, a new event needs a new key", first_id=msg_id,
+                stream=self.stream)
+        return msg_id

@@ -32,18 +32,19 @@ return redis.call('XADD', KEYS[2], '*', unpack(fields))
 """
 
 #: Publish at most once per idempotency key within a window.
-#: KEYS: stream, idempotency key. ARGV: window ms, n cap args, cap args..., field/value pairs...
-#: Returns {1, new id} or {0, id of the first publish}.
+#: KEYS: stream, idempotency key. ARGV: window ms, payload digest, n cap args, cap args...,
+#: field/value pairs... The key remembers "<id> <digest>" of the first publish.
+#: Returns {1, new id} or {0, what the key remembers}.
 IDEMPOTENT_XADD: Final = """
 local existing = redis.call('GET', KEYS[2])
 if existing then return {0, existing} end
-local ncap = tonumber(ARGV[2])
+local ncap = tonumber(ARGV[3])
 local args = {KEYS[1]}
-for i = 3, 2 + ncap do args[#args + 1] = ARGV[i] end
+for i = 4, 3 + ncap do args[#args + 1] = ARGV[i] end
 args[#args + 1] = '*'
-for i = 3 + ncap, #ARGV do args[#args + 1] = ARGV[i] end
+for i = 4 + ncap, #ARGV do args[#args + 1] = ARGV[i] end
 local id = redis.call('XADD', unpack(args))
-redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+redis.call('SET', KEYS[2], id .. ' ' .. ARGV[2], 'PX', ARGV[1])
 return {1, id}
 """
 

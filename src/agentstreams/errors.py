@@ -4,6 +4,7 @@
   * InvalidArgumentError (also ValueError) — a caller passed something we cannot use.
     * SerializationError — a payload value cannot be encoded as JSON.
     * PayloadTooLargeError — an event is bigger than the configured limit.
+    * IdempotencyConflictError — an idempotency key reused for a different event.
   * ConnectionLostError — the server is unreachable or stopped answering; safe to retry.
     * PublishTimeoutError — a publish may or may not have landed; retry with an idempotency key.
   * ConfigurationError — the deployment is misconfigured; retrying cannot help (never retried).
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
     "GroupNotFoundError",
+    "IdempotencyConflictError",
     "InvalidArgumentError",
     "MalformedEventError",
     "PayloadTooLargeError",
@@ -88,6 +90,16 @@ class PayloadTooLargeError(InvalidArgumentError):
         super().__init__(message, stream=stream)
         self.size = size
         self.limit = limit
+
+
+class IdempotencyConflictError(InvalidArgumentError):
+    """An ``idempotency_key`` already published a different event within its window: a retry
+    must repeat the same event; a new event needs a new key. ``first_id`` is what the key
+    published."""
+
+    def __init__(self, message: str, *, first_id: str, stream: str | None = None) -> None:
+        super().__init__(message, stream=stream)
+        self.first_id = first_id
 
 
 class ConnectionLostError(AgentStreamsError, _redis_exc.ConnectionError):

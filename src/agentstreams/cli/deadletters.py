@@ -323,7 +323,8 @@ def purge_command(
                             as_json)
             if not typer.confirm(f"Delete {what} for good?"):
                 fail("nothing was deleted", ExitCode.FAILURE)
-        purged = 0 if not count else await queue.purge(selected)
+        purged = 0 if not count else await queue.purge(selected,
+                                                       all_letters=selected is None)
         if as_json:
             emit_json({"stream": stream, "purged": purged, "not_found": missing})
         else:
