@@ -521,3 +521,24 @@ async def test_an_event_acknowledged_before_leaving_does_not_come_back(
     [record] = [r for r in caplog.records if "stays pending" in r.getMessage()]
     assert ids[1] in record.getMessage()
     assert [r["message_id"] for r in await pending_rows(raw, stream_name, "g")] == [ids[1]]
+
+
+async def test_trim_says_which_group_holds_the_stream_back(
+        make_coordinator: MakeCoordinator, raw: aioredis.Redis, stream_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The README's first snippet: consumer_group="workers" used only through filtered
+    subscriptions leaves "workers" itself unread; safe trim then keeps everything. It must
+    say so, naming the group, instead of silently removing nothing."""
+    consumer = make_coordinator(consumer_group="workers", consumer_name="w")
+    await consumer.initialize()
+    for i in range(5):
+        await consumer.publish_handoff_ready("a", "b", f"s{i}", {})
+    received = [e async for e in consumer.subscribe(event_types=["handoff_ready"],
+                                                    timeout_ms=300, max_events=5)]
+    assert len(received) == 5
+    with caplog.at_level("WARNING", logger="agentstreams.coordinator"):
+        assert await consumer.trim_stream(1, approximate=False) == 0
+    [record] = [r for r in caplog.records if "stopped at" in r.getMessage()]
+    assert "group 'workers' has not read past 0-0" in record.getMessage()
+    assert "XGROUP DESTROY" in record.getMessage()
+    assert await raw.xlen(stream_name) == 5

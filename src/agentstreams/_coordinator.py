@@ -641,7 +641,16 @@ class AgentCoordinator:
         result = await trim(client, self._stream_name, max_length, approximate=approximate,
                             force=force)
         if result.limited_by_groups:
-            logger.info("trim of %r stopped at %s to keep unacknowledged entries",
-                        self._stream_name, result.floor_id,
-                        extra={"stream": self._stream_name, "floor_id": result.floor_id})
+            age = (f", {result.held_age_ms / 1000:.0f} s old" if result.held_age_ms is not None
+                   else "")
+            what = ("has an unacknowledged entry" if result.held_reason == "pending"
+                    else "has not read past")
+            # WARNING: a group nobody reads (a parent group left behind by filtered
+            # subscriptions, a retired service) silently keeps the whole stream otherwise.
+            logger.warning("trim of %r stopped at %s: group %r %s %s%s; it keeps every entry "
+                           "after that (remove the group if nobody reads it: XGROUP DESTROY)",
+                           self._stream_name, result.floor_id, result.held_by, what,
+                           result.held_since_id, age,
+                           extra={"stream": self._stream_name, "floor_id": result.floor_id,
+                                  "group": result.held_by})
         return result.removed
