@@ -30,7 +30,8 @@ def test_the_signature_is_an_hmac_of_the_stream_and_the_entrys_resp() -> None:
     assert signed_nargs == nargs + 4
     kid_pair = "$4\r\n_kid\r\n$2\r\nk2\r\n"
     assert signed.startswith(body + kid_pair)
-    message = (b"$18\r\nagentstreams-sig-1\r\n$4\r\ns{1}\r\n" + (body + kid_pair).encode())
+    message = (b"$18\r\nagentstreams-sig-1\r\n$4\r\ns{1}\r\n" + kid_pair.encode()
+               + body.encode())
     expected = hmac.digest(KEYS["k2"], message, "sha256").hex()
     assert signed == f"{body}{kid_pair}$4\r\n_sig\r\n$64\r\n{expected}\r\n"
     reader = hiredis.Reader()
@@ -59,8 +60,11 @@ def test_an_entry_read_in_another_order_or_as_another_mapping_verifies_the_same_
     assert verifier.problem(entry) is None
     # not a dict: the careful path, same answer
     assert verifier.problem(MappingProxyType(entry)) is None
-    moved = {b"_sig": entry[b"_sig"], **{k: v for k, v in entry.items() if k != b"_sig"}}
-    assert verifier.problem(moved) is None  # _sig is not signed: where it sits is no matter
+    moved = {b"_sig": entry[b"_sig"], b"_kid": entry[b"_kid"],
+             **{k: v for k, v in entry.items() if k not in (b"_sig", b"_kid")}}
+    assert verifier.problem(moved) is None  # where _kid and _sig sit is not signed
+    assert verifier.problem({**entry, b"_grp": b"g"}) is None  # a replay's routing
+    assert verifier.problem({**entry, b"_grp": b"g", b"x": b"1"}) is not None
     swapped = {b"b": entry[b"b"], b"a": entry[b"a"],
                **{k: v for k, v in entry.items() if k not in (b"a", b"b")}}
     assert verifier.problem(swapped) is not None  # the order of signed fields is

@@ -5,20 +5,21 @@ A publisher with ``signing_keys`` appends two metadata fields to every entry it 
     _kid    k2                                   (the id of the key that signed)
     _sig    3f9a...                              (HMAC-SHA256, 64 lowercase hex characters)
 
-The signed bytes are a sequence of RESP bulk strings (``$<length>\\r\\n<bytes>\\r\\n``, so
+The signed bytes are a sequence of RESP bulk strings (``$<length>\r\n<bytes>\r\n``, so
 length-prefixed and unambiguous whatever the bytes are)::
 
-    "agentstreams-sig-1", <stream name>, <name1>, <value1>, ..., "_kid", <key id>
+    "agentstreams-sig-1", <stream name>, "_kid", <key id>, <name1>, <value1>, <name2>, ...
 
 that is the domain tag, the stream the entry is written to (a copy into another stream does
-not verify), then every field name and value of the entry in entry order (type, user fields,
-timestamp, ``_v``, ``_eid``, ``_json``, trace context) and the ``_kid`` pair: everything but
-``_sig`` itself. The publisher signs the RESP text the one encoder already produced; the
-consumer rebuilds the same bytes from the fields it read and compares in constant time,
-before anything decodes the entry. A field changed, added, removed or reordered, another
-stream, another key or an unknown key id: the entry is refused (``unauthenticated``). One
-field may follow ``_sig`` unsigned: the ``_grp`` a dead-letter replay appends, which can only
-narrow which group runs a genuine entry again.
+not verify), the key id, then every other field name and value of the entry in entry order
+(type, user fields, timestamp, ``_v``, ``_eid``, ``_json``, trace context): everything but
+``_sig`` itself. The publisher signs the RESP text the one encoder already produced (the
+constant head is hashed once per stream and key); the consumer rebuilds the same bytes from
+the fields it read and compares in constant time, before anything decodes the entry. A field
+changed, added, removed or reordered, another stream, another key or an unknown key id: the
+entry is refused (``unauthenticated``). Where ``_kid`` and ``_sig`` sit in the entry is not
+signed (a publisher writes them last), nor is the ``_grp`` a dead-letter replay appends after
+them, which can only narrow which group runs a genuine entry again.
 
 Keys are an ordered mapping key id -> secret: the first key signs, every listed key verifies,
 so a rotation is: add the new key second everywhere, then move it first (publishers now sign
@@ -52,6 +53,9 @@ _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _B_KEY_ID: Final = FIELD_KEY_ID.encode()
 _B_SIGNATURE: Final = FIELD_SIGNATURE.encode()
 _B_FOR_GROUP: Final = FIELD_FOR_GROUP.encode()
+#: Fields outside the signed sequence: the key id (signed at the head), the signature, and
+#: the routing a dead-letter replay appends.
+_UNSIGNED: Final = frozenset((_B_KEY_ID, _B_SIGNATURE, _B_FOR_GROUP))
 #: Hex characters of a signature.
 SIGNATURE_CHARS: Final = 64
 
@@ -194,7 +198,8 @@ class StreamSigner:
 
     def __init__(self, stream: str, key_id: str, mac: _Pads) -> None:
         self._kid_pair = _bulk_text(FIELD_KEY_ID) + _bulk_text(key_id)
-        self._mac = mac.with_prefix(_prefix(stream))
+        #: the HMAC state after the constant head: domain, stream and key id
+        self._mac = mac.with_prefix(_prefix(stream) + self._kid_pair.encode())
         #: Bytes ``_kid`` and ``_sig`` add to an entry (names and values): the size rule
         #: counts them like every other field.
         self.overhead: int = (len(FIELD_KEY_ID) + len(key_id) + len(FIELD_SIGNATURE)
@@ -203,9 +208,8 @@ class StreamSigner:
     def sign(self, nargs: int, body: str) -> tuple[int, str]:
         r"""The encoded entry (``nargs``, RESP ``body`` of its field/value pairs) with
         ``_kid`` and ``_sig`` appended."""
-        signed = body + self._kid_pair
-        return (nargs + 4,
-                f"{signed}$4\r\n_sig\r\n$64\r\n{self._mac.hexdigest(signed.encode())}\r\n")
+        return (nargs + 4, f"{body}{self._kid_pair}$4\r\n_sig\r\n$64\r\n"
+                           f"{self._mac.hexdigest(body.encode())}\r\n")
 
 
 class StreamVerifier:
@@ -215,8 +219,9 @@ class StreamVerifier:
 
     def __init__(self, stream: str, macs: Mapping[bytes, _Pads]) -> None:
         self.stream = stream
-        prefix = _prefix(stream)
-        self._macs = {key_id: mac.with_prefix(prefix) for key_id, mac in macs.items()}
+        prefix = _prefix(stream) + _bulk(_B_KEY_ID)
+        self._macs = {key_id: mac.with_prefix(prefix + _bulk(key_id))
+                      for key_id, mac in macs.items()}
 
     def problem(self, fields: Mapping[bytes, bytes]) -> str | None:
         """None when ``fields`` carry a valid signature by a known key; otherwise why not."""
@@ -229,30 +234,38 @@ class StreamVerifier:
         if mac is None:
             return (f"signed with key id {key_id.decode(errors='replace')!r}, which is not "
                     "among this consumer's signing keys")
-        if type(fields) is not dict or next(reversed(fields)) != _B_SIGNATURE:
-            # rare: _sig is not last, or a replay appended its routing field after it (the
-            # routing is not signed: it only narrows who runs a genuine entry again)
-            fields = {k: v for k, v in fields.items()
-                      if k not in (_B_SIGNATURE, _B_FOR_GROUP)}
-            drop = 0
-        else:
-            drop = 3  # _sig is last (as written): its parts are removed below
-        # The RESP bulk strings of every name and value, in order, as the publisher signed.
+        # The RESP bulk strings of every other name and value, in order, as the publisher
+        # signed them: ``$<n>\r\n<name>``, ``$<n>``, ``<value>``, joined by CRLF.
         parts: list[bytes] = []
-        extend = parts.extend
-        heads = _HEADS
-        names = _NAMES
-        for name, value in fields.items():
-            size = len(value)
-            extend((names.get(name) or _name(name),
-                    heads[size] if size < _HEADS_LEN else _head(size), value))
-        if drop:
-            del parts[-drop:]
-        expected = mac.hexdigest(b"\r\n".join(parts) + _CRLF)
+        last = reversed(fields) if type(fields) is dict else None
+        if last is not None and next(last) == _B_SIGNATURE and next(last) == _B_KEY_ID:
+            # as written: _kid and _sig last
+            heads = _HEADS
+            names = _NAMES
+            try:
+                for name, value in fields.items():
+                    parts += (names[name], heads[len(value)], value)
+                del parts[-6:]
+            except (KeyError, IndexError):  # a name seen first, or a long value
+                parts = _parts(fields)
+        else:
+            # rare: elsewhere, or a replay appended its routing field after _sig (the
+            # routing is not signed: it only narrows who runs a genuine entry again)
+            parts = _parts(fields)
+        expected = mac.hexdigest(b"\r\n".join(parts) + _CRLF) if parts else mac.hexdigest(b"")
         if not hmac.compare_digest(expected.encode(), signature):
             return ("bad signature: the entry was changed, copied from another stream, or "
                     "signed with another secret under this key id")
         return None
+
+
+def _parts(fields: Mapping[bytes, bytes]) -> list[bytes]:
+    """The signed parts of any entry (see ``StreamVerifier.problem``), slowly."""
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        if name not in _UNSIGNED:
+            parts += (_NAMES.get(name) or _name(name), _head(len(value)), value)
+    return parts
 
 
 #: A field name's RESP bulk string without its final CRLF (``$<n>\r\n<name>``): names repeat
@@ -266,3 +279,7 @@ def _name(name: bytes) -> bytes:
     if len(_NAMES) < _NAMES_MAX:
         _NAMES[name] = resp
     return resp
+
+
+for _field in (_B_KEY_ID, _B_SIGNATURE):  # always in a signed entry: the fast loop meets them
+    _name(_field)
