@@ -64,6 +64,7 @@ from agentstreams.errors import (
     BackpressureError,
     ClosedError,
     ConnectionLostError,
+    IdempotencyConflictError,
     InvalidArgumentError,
     MalformedEventError,
     PayloadTooLargeError,
@@ -177,14 +178,20 @@ class ReplySender:
         return publisher
 
     async def send(self, target: ReplyTarget, fields: Mapping[str, Any]) -> str:
-        """Publish the reply (once per request id) and refresh the reply stream's TTL."""
+        """Publish the reply (once per request id: a second answer, even a different one,
+        returns the first reply's id) and refresh the reply stream's TTL."""
         if not isinstance(fields, Mapping):
             raise InvalidArgumentError(f"reply fields must be a mapping, got "
                                        f"{type(fields).__name__}")
         key = reply_stream_key(self.stream, target.caller_id)
-        msg_id = await self._publisher(key).publish(
-            REPLY_EVENT_TYPE, fields, idempotency_key=target.request_id,
-            event_id=target.request_id)
+        try:
+            msg_id = await self._publisher(key).publish(
+                REPLY_EVENT_TYPE, fields, idempotency_key=target.request_id,
+                event_id=target.request_id)
+        except IdempotencyConflictError as exc:
+            # Answered before with other fields (a redelivered request, a model that answers
+            # differently): the first reply stands; the caller has it or will.
+            msg_id = exc.first_id
         client, ttl_ms = self.client, self.ttl_ms
         await call(lambda: client.pexpire(key, ttl_ms), stream=key)
         return msg_id
