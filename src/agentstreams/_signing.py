@@ -194,12 +194,15 @@ def _prefix(stream: str) -> bytes:
 class StreamSigner:
     """Signs the entries of one stream: see the module docstring for the signed bytes."""
 
-    __slots__ = ("_kid_pair", "_mac", "overhead")
+    __slots__ = ("_inner", "_kid_pair", "_outer", "overhead")
 
     def __init__(self, stream: str, key_id: str, mac: _Pads) -> None:
         self._kid_pair = _bulk_text(FIELD_KEY_ID) + _bulk_text(key_id)
-        #: the HMAC state after the constant head: domain, stream and key id
-        self._mac = mac.with_prefix(_prefix(stream) + self._kid_pair.encode())
+        # the HMAC states after the constant head (domain, stream and key id): ``sign`` is
+        # ``_Pads.hexdigest`` inlined, one call less per event
+        head = mac.with_prefix(_prefix(stream) + self._kid_pair.encode())
+        self._inner = head.inner.copy
+        self._outer = head.outer.copy
         #: Bytes ``_kid`` and ``_sig`` add to an entry (names and values): the size rule
         #: counts them like every other field.
         self.overhead: int = (len(FIELD_KEY_ID) + len(key_id) + len(FIELD_SIGNATURE)
@@ -208,8 +211,11 @@ class StreamSigner:
     def sign(self, nargs: int, body: str) -> tuple[int, str]:
         r"""The encoded entry (``nargs``, RESP ``body`` of its field/value pairs) with
         ``_kid`` and ``_sig`` appended."""
-        return (nargs + 4, f"{body}{self._kid_pair}$4\r\n_sig\r\n$64\r\n"
-                           f"{self._mac.hexdigest(body.encode())}\r\n")
+        inner = self._inner()
+        inner.update(body.encode())
+        outer = self._outer()
+        outer.update(inner.digest())
+        return nargs + 4, f"{body}{self._kid_pair}$4\r\n_sig\r\n$64\r\n{outer.hexdigest()}\r\n"
 
 
 class StreamVerifier:
@@ -252,8 +258,12 @@ class StreamVerifier:
             # rare: elsewhere, or a replay appended its routing field after _sig (the
             # routing is not signed: it only narrows who runs a genuine entry again)
             parts = _parts(fields)
-        expected = mac.hexdigest(b"\r\n".join(parts) + _CRLF) if parts else mac.hexdigest(b"")
-        if not hmac.compare_digest(expected.encode(), signature):
+        inner = mac.inner.copy()
+        if parts:
+            inner.update(b"\r\n".join(parts) + _CRLF)
+        outer = mac.outer.copy()
+        outer.update(inner.digest())
+        if not hmac.compare_digest(outer.hexdigest().encode(), signature):
             return ("bad signature: the entry was changed, copied from another stream, or "
                     "signed with another secret under this key id")
         return None
