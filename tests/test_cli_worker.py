@@ -97,8 +97,12 @@ async def test_runs_a_worker_from_a_module_until_sigterm(
 
     await wait_for(handled, timeout_s=20, message="3 jobs handled")
     assert sorted(lines(out)) == ["A 0 3", "A 1 3", "A 2 3"]  # --concurrency took effect
-    groups = await client.xinfo_groups(stream_name)
-    assert groups[0]["pending"] == 0  # acknowledged
+
+    async def acknowledged() -> bool:
+        groups = await client.xinfo_groups(stream_name)
+        return bool(groups[0]["pending"] == 0)
+
+    await wait_for(acknowledged, timeout_s=10, message="the jobs acknowledged")
     proc.send_signal(signal.SIGTERM)
     result = await finish(proc)
     assert result.code == 0, result.err

@@ -63,7 +63,10 @@ async def test_pending_entries_hold_the_floor(client: aioredis.Redis, raw: aiore
     await raw.xack(stream_name, "g", *ids[:4], ids[5])  # ids[4] stays pending
     assert await safe_floor(client, stream_name) == ids[4]
     result = await trim(client, stream_name, 0, approximate=False)
-    assert result == TrimResult(4, ids[4], True)
+    # The result names the group holding the stream back, why, and since when.
+    assert result == TrimResult(4, ids[4], True, "g", "pending", ids[4], result.held_age_ms)
+    assert result.held_age_ms is not None
+    assert 0 <= result.held_age_ms < 60_000
     assert await stream_ids(raw, stream_name) == ids[4:]
     assert [r["message_id"] for r in await pending_rows(raw, stream_name, "g")] == [ids[4]]
 

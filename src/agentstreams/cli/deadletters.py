@@ -311,11 +311,9 @@ def purge_command(
     async def command(client: Redis) -> None:
         queue = await _open(client, stream)
         present, missing = await _found(queue, wanted)
-        if wanted or where is not None:
-            selected = await _selected(queue, present if wanted else None, where)
-            count = len(selected)
-        else:
-            selected, count = None, await queue.length()
+        # Exactly the dead letters counted (and confirmed) are deleted, by id.
+        selected = await _selected(queue, present if wanted else None, where)
+        count = len(selected)
         if count and not yes:
             what = f"{count_of(count, 'dead letter')} of {stream!r}"
             if not sys.stdin.isatty():
