@@ -321,8 +321,7 @@ def purge_command(
                             as_json)
             if not typer.confirm(f"Delete {what} for good?"):
                 fail("nothing was deleted", ExitCode.FAILURE)
-        purged = 0 if not count else await queue.purge(selected,
-                                                       all_letters=selected is None)
+        purged = 0 if not count else await queue.purge(selected)
         if as_json:
             emit_json({"stream": stream, "purged": purged, "not_found": missing})
         else:
