@@ -23,7 +23,8 @@ from agentstreams._connection import Redis, call
 from agentstreams._streams import first_field, stream_id_key, to_str
 from agentstreams.errors import InvalidArgumentError
 
-__all__ = ["HELD_PENDING", "HELD_UNREAD", "Floor", "TrimResult", "safe_floor", "stream_floor", "trim", "unacknowledged_cut"]
+__all__ = ["HELD_PENDING", "HELD_UNREAD", "Floor", "TrimResult", "safe_floor", "stream_floor",
+           "trim", "unacknowledged_cut"]
 
 #: ``held_reason`` values: the group has an entry delivered and not acknowledged (``pending``),
 #: or has not read past an entry (``unread``; ``held_since_id`` is then its last-delivered id,
