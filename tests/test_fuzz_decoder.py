@@ -549,7 +549,7 @@ def test_the_fuzzer_reaches_every_outcome() -> None:
     seen: set[str] = set()
 
     @given(entries())
-    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=800, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def collect(entry: Entry) -> None:
         fields, limit = entry.fields, entry.limit
