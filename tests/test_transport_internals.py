@@ -140,7 +140,7 @@ async def test_every_publish_path_works_on_the_public_fallback(
     coalesced = await asyncio.gather(*(publisher.publish("t", {"n": n})
                                        for n in range(200, 300)))
     again = await publisher.publish("t", {"n": 300}, idempotency_key="k")
-    assert await publisher.publish("t", {"n": 301}, idempotency_key="k") == again
+    assert await publisher.publish("t", {"n": 300}, idempotency_key="k") == again  # a retry
     entries = await stream_entries(raw, stream_name)
     assert len(entries) == 301
     assert {msg_id for msg_id, _ in entries} == {first, *ids, *coalesced, again}
