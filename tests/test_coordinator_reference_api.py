@@ -13,8 +13,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams import AgentCoordinator, EventType, PermissionDeniedError, WrongTypeError
+from agentstreams import (
+    AgentCoordinator,
+    ConnectionLostError,
+    EventType,
+    PermissionDeniedError,
+    WrongTypeError,
+)
 from agentstreams._coordinator import AgentCoordinator as CoordinatorFromModule
+from agentstreams.server import find_free_port
 from conftest import assert_same, pending_rows, stream_entries, stream_ids
 
 MakeCoordinator = Callable[..., AgentCoordinator]
@@ -353,3 +360,11 @@ async def test_trim_stream_without_groups_trims_to_length(
     assert await stream_ids(raw, stream_name) == ids[20:]
     assert isinstance(await coordinator.trim_stream(5), int)  # approximate (the default)
     assert await raw.xlen(stream_name) >= 5
+
+
+async def test_an_unreachable_server_is_not_reported_as_a_lost_connection() -> None:
+    coordinator = AgentCoordinator(f"redis://127.0.0.1:{find_free_port()}", "s")
+    with pytest.raises(ConnectionLostError, match="cannot reach the server") as caught:
+        await coordinator.get_stream_info()
+    assert "lost the connection" not in str(caught.value)
+    await coordinator.close()

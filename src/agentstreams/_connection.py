@@ -299,6 +299,11 @@ def translate_error(exc: BaseException, *, stream: str | None = None,
     if permanent is not None:
         return permanent
     if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError | OSError):
+        # redis-py says "Error 111 connecting to ..." or "Timeout connecting to server"
+        if "connecting" in str(exc):
+            return ConnectionLostError(
+                f"cannot reach the server ({type(exc).__name__}: {exc}); is it running and "
+                "is the URL right? The operation can be retried", stream=stream, group=group)
         return ConnectionLostError(
             f"lost the connection to the server ({type(exc).__name__}: {exc}); "
             "the operation can be retried", stream=stream, group=group)
