@@ -25,7 +25,7 @@ PUBLIC_MODULES = [
 #: Everything a user needs, importable from the package itself (the list is the contract).
 EXPORTED = {
     "AgentCoordinator", "AgentStreamsError", "AuthenticationError", "ConfigurationError",
-    "PermissionDeniedError", "TLSError", "BackpressureError", "ClosedError",
+    "PermissionDeniedError", "TLSError", "TLSKwargs", "BackpressureError", "ClosedError",
     "ConnectionLostError", "DeadLetter", "DeadLetterQueue", "Event", "EventType",
     "GroupNotFoundError", "IdempotencyConflictError", "Handler", "InvalidArgumentError",
     "MalformedEventError", "Observer",

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from agentstreams import AgentCoordinator, Event, TLSError, Worker
+from agentstreams import (
+    AgentCoordinator,
+    Event,
+    InvalidArgumentError,
+    TLSError,
+    TLSKwargs,
+    Worker,
+)
 from agentstreams.server import LocalServer, find_free_port
 from conftest import wait_for
 
@@ -32,6 +39,10 @@ class TlsServer:
     tls_port: int
     ca: Path
     other_ca: Path
+    #: a second server on the same CA that requires a client certificate (mutual TLS)
+    mtls_port: int
+    client_cert: Path
+    client_key: Path
 
     @property
     def tls_url(self) -> str:
@@ -63,16 +74,27 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
              "-out", cert, "-days", "2", "-extfile", ext)
-    tls_port = find_free_port()
+    client_key, client_csr = directory / "client.key", directory / "client.csr"
+    client_cert = directory / "client.crt"
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", client_key, "-out", client_csr,
+             "-subj", "/CN=agentstreams-test-client")
+    _openssl("x509", "-req", "-in", client_csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", client_cert, "-days", "2")
+    tls_port, mtls_port = find_free_port(), find_free_port()
+    common = {"tls-cert-file": str(cert), "tls-key-file": str(key), "tls-ca-cert-file": str(ca)}
     server = LocalServer("redis", extra_config={
-        "tls-port": str(tls_port), "tls-cert-file": str(cert), "tls-key-file": str(key),
-        "tls-ca-cert-file": str(ca), "tls-auth-clients": "no"})
+        "tls-port": str(tls_port), "tls-auth-clients": "no", **common})
+    mutual = LocalServer("redis", extra_config={
+        "tls-port": str(mtls_port), "tls-auth-clients": "yes", **common})
     try:
         server.start()
+        mutual.start()
     except Exception as exc:  # a redis-server built without TLS
+        server.stop()
         pytest.skip(f"redis-server cannot serve TLS here: {exc}")
-    yield TlsServer(server, tls_port, ca, other_ca)
+    yield TlsServer(server, tls_port, ca, other_ca, mtls_port, client_cert, client_key)
     server.stop()
+    mutual.stop()
 
 
 def _worker(url: str, seen: list[str] | None = None) -> Worker:
@@ -141,3 +163,35 @@ async def test_coordinator_with_rediss_url_on_a_plain_port_fails_fast(
         await coordinator.publish("x", {})
     await coordinator.close()
     assert time.monotonic() - started < 2.0
+
+
+async def test_mutual_tls_with_keyword_arguments(tls_server: TlsServer) -> None:
+    """Every entry point takes the TLS options as keyword arguments (the URL's ssl_*
+    parameters do the same): a worker and a coordinator over mutual TLS."""
+    url = f"rediss://127.0.0.1:{tls_server.mtls_port}"
+    tls: TLSKwargs = {"ssl_ca_certs": str(tls_server.ca),
+                      "ssl_certfile": str(tls_server.client_cert),
+                      "ssl_keyfile": str(tls_server.client_key)}
+    stream = f"mtls-{uuid.uuid4().hex[:8]}"
+    seen: list[str] = []
+    worker = Worker(url, stream, "g", probe_server=False, block_ms=200, **tls)
+
+    @worker.handler()
+    async def handle(event: Event) -> None:
+        seen.append(event["n"])
+
+    async with worker, AgentCoordinator(url, stream, **tls) as coordinator:
+        await coordinator.publish("task", {"n": "1"})
+        await wait_for(lambda: _has(seen, 1), message="an event handled over mutual TLS")
+        assert await coordinator.trim_stream(0, force=True, approximate=False) == 1
+
+
+def test_tls_keyword_arguments_are_checked_when_built(tls_server: TlsServer) -> None:
+    with pytest.raises(InvalidArgumentError, match="rediss://"):
+        Worker("redis://127.0.0.1:6379", ssl_ca_certs=str(tls_server.ca))
+    with pytest.raises(InvalidArgumentError, match="no such file"):
+        AgentCoordinator("rediss://127.0.0.1:6379", ssl_ca_certs="/nonexistent/ca.pem")
+    with pytest.raises(InvalidArgumentError, match="go together"):
+        Worker("rediss://127.0.0.1:6379", ssl_certfile=str(tls_server.client_cert))
+    with pytest.raises(InvalidArgumentError, match="ssl_cert_reqs"):
+        AgentCoordinator("rediss://127.0.0.1:6379", ssl_cert_reqs="sometimes")

@@ -1,5 +1,6 @@
 """agentstreams: reliable coordination for AI agents across processes over Redis Streams."""
 
+from agentstreams._connection import TLSKwargs
 from agentstreams._coordinator import AgentCoordinator
 from agentstreams._dlq import DeadLetter, DeadLetterQueue
 from agentstreams._events import Event, EventType
@@ -62,6 +63,7 @@ __all__ = [
     "SerializationError",
     "StreamCap",
     "TLSError",
+    "TLSKwargs",
     "TrimResult",
     "Worker",
     "WorkerFailedError",

@@ -7,12 +7,13 @@ reconnect backoff policy, so every layer above handles faults the same way.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -44,6 +45,7 @@ __all__ = [
     "Backoff",
     "ConnectionSettings",
     "Redis",
+    "TLSKwargs",
     "call",
     "create_client",
     "is_permanent",
@@ -82,6 +84,19 @@ def redact_url(url: str) -> str:
             + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
+class TLSKwargs(TypedDict, total=False):
+    """TLS keyword arguments every entry point takes (``rediss://`` URLs only); the same as
+    the URL's ``ssl_*`` query parameters (which win when both are given)."""
+
+    #: the CA bundle that signs the server's certificate
+    ssl_ca_certs: str
+    #: client certificate and key, for mutual TLS
+    ssl_certfile: str
+    ssl_keyfile: str
+    #: "required" (the default), "optional" or "none"
+    ssl_cert_reqs: str
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionSettings:
     """How to reach the server; rejects impossible values when built."""
@@ -97,6 +112,13 @@ class ConnectionSettings:
     command_retries: int = 2
     max_connections: int | None = None
     client_name: str | None = None
+    #: TLS (``rediss://`` only), the same as the URL's ``ssl_*`` query parameters: the CA
+    #: bundle to trust, a client certificate and key (mutual TLS), and whether the server's
+    #: certificate is checked (``required``, the default; ``optional``; ``none``).
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
@@ -116,6 +138,32 @@ class ConnectionSettings:
             raise InvalidArgumentError("health_check_interval_s must be >= 0")
         if self.command_retries < 0:
             raise InvalidArgumentError("command_retries must be >= 0")
+        self._check_tls(scheme)
+
+    def _check_tls(self, scheme: str) -> None:
+        options = self.tls_options()
+        if not options:
+            return
+        if scheme != "rediss":
+            raise InvalidArgumentError(
+                f"{', '.join(options)} need a rediss:// URL (TLS); got {redact_url(self.url)!r}")
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            path = options.get(name)
+            if path is not None and not os.path.isfile(path):
+                raise InvalidArgumentError(f"{name}: no such file {path!r}")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise InvalidArgumentError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        if self.ssl_cert_reqs is not None and self.ssl_cert_reqs not in (
+                "none", "optional", "required"):
+            raise InvalidArgumentError(
+                f"ssl_cert_reqs must be 'none', 'optional' or 'required', got "
+                f"{self.ssl_cert_reqs!r}")
+
+    def tls_options(self) -> dict[str, str]:
+        """The TLS keyword arguments that are set, for redis-py."""
+        values = {"ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
+                  "ssl_keyfile": self.ssl_keyfile, "ssl_cert_reqs": self.ssl_cert_reqs}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 class _WriteTimeoutWithoutTask:
@@ -221,6 +269,7 @@ def create_client(settings: ConnectionSettings, **overrides: Any) -> Redis:
         kwargs["max_connections"] = settings.max_connections
     if settings.client_name:
         kwargs["client_name"] = settings.client_name
+    kwargs.update(settings.tls_options())  # (the URL's own ssl_* parameters win)
     kwargs.update(overrides)
     try:
         # Our pool: it never hands out a connection that died while idle (see its docstring).

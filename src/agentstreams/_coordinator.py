@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import redis.exceptions as redis_exc
 
@@ -23,6 +23,7 @@ from agentstreams._connection import (
     Backoff,
     ConnectionSettings,
     Redis,
+    TLSKwargs,
     call,
     create_client,
     translate_error,
@@ -145,6 +146,7 @@ class AgentCoordinator:
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
         caller_id: str | None = None,
+        **tls: Unpack[TLSKwargs],
     ) -> None:
         self._stream_name = validate_name("stream_name", stream_name)
         self._caller_id = (check_reply_id("caller_id", caller_id) if caller_id is not None
@@ -162,7 +164,8 @@ class AgentCoordinator:
             client, redis_url = redis_url, ""
         self._settings: ConnectionSettings | None = None
         if client is None:
-            self._settings = ConnectionSettings(url=redis_url, socket_timeout_s=socket_timeout_s)
+            self._settings = ConnectionSettings(url=redis_url, socket_timeout_s=socket_timeout_s,
+                                                **tls)
         self._external_client = client
         self._client: Redis | None = None
         self._initialized = False

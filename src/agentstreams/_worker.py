@@ -39,13 +39,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from agentstreams import _scripts as scripts
 from agentstreams._connection import (
     Backoff,
     ConnectionSettings,
     Redis,
+    TLSKwargs,
     call,
     create_client,
     is_permanent,
@@ -260,6 +261,7 @@ class Worker:
         probe_server: bool = True,
         observer: Observer | None = None,
         signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
+        **tls: Unpack[TLSKwargs],
     ) -> None:
         self.stream = validate_name("stream_name", stream_name)
         self.group = validate_name("consumer_group", consumer_group)
@@ -326,6 +328,7 @@ class Worker:
             # read hangs on a half-open connection.
             command_retries=0,
             client_name=f"agentstreams:{self.consumer}",
+            **tls,
         )
         self._client: Redis | None = None
         self._handlers: dict[str, Handler] = {}

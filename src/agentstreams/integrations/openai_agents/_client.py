@@ -16,13 +16,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import orjson
 from agents.tracing import gen_trace_id
 
 from agentstreams._codec import decode_entry
-from agentstreams._connection import ConnectionSettings, Redis, create_client
+from agentstreams._connection import ConnectionSettings, Redis, TLSKwargs, create_client
 from agentstreams._constants import (
     DEFAULT_MAX_EVENT_BYTES,
     REPLY_BLOCK_MS,
@@ -123,6 +123,7 @@ class AgentClient:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         events_maxlen: int | None = DEFAULT_EVENTS_MAXLEN,
         signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
+        **tls: Unpack[TLSKwargs],
     ) -> None:
         self.keys = Keys(namespace)
         self.signing_keys = signing_keys_from(signing_keys)
@@ -132,7 +133,7 @@ class AgentClient:
         self._settings = None if client is not None else ConnectionSettings(
             url=redis_url,
             socket_timeout_s=REPLY_BLOCK_MS / 1000 + SOCKET_TIMEOUT_MARGIN_S,
-            client_name=f"agentstreams:client:{self.client_id}")
+            client_name=f"agentstreams:client:{self.client_id}", **tls)
         self._status_ttl_s = status_ttl_s
         self._max_event_bytes = max_event_bytes
         self._events_cap = StreamCap(value=events_maxlen) if events_maxlen is not None else None

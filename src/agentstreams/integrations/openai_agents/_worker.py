@@ -31,11 +31,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 from agents import Agent, RunConfig, RunHooks, Runner
 
-from agentstreams._connection import ConnectionSettings, Redis, create_client
+from agentstreams._connection import ConnectionSettings, Redis, TLSKwargs, create_client
 from agentstreams._constants import DEFAULT_MAX_EVENT_BYTES, DEFAULT_VISIBILITY_TIMEOUT_MS
 from agentstreams._coordinator import AgentCoordinator
 from agentstreams._events import Event, EventType
@@ -157,6 +157,7 @@ class AgentWorker:
         shutdown_timeout_s: float = 30.0,
         events_maxlen: int | None = DEFAULT_EVENTS_MAXLEN,
         signing_keys: SigningKeys | Mapping[str, bytes | str] | None = None,
+        **tls: Unpack[TLSKwargs],
     ) -> None:
         if isinstance(agents, Agent) or not agents:
             raise InvalidArgumentError("agents must be a non-empty list of Agent objects")
@@ -187,7 +188,8 @@ class AgentWorker:
         self.signing_keys = signing_keys_from(signing_keys)
         self.stats = AgentWorkerStats()
         self._external = client
-        self._settings = None if client is not None else ConnectionSettings(url=redis_url)
+        self._settings = None if client is not None else ConnectionSettings(url=redis_url,
+                                                                             **tls)
         self._status_ttl_s = status_ttl_s
         self._client: Redis | None = None
         self._status: StatusStore | None = None
