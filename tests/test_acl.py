@@ -51,7 +51,9 @@ def test_rules_are_narrow_and_well_formed() -> None:
             if "~" in key:
                 pattern = key.split("~", 1)[1]
                 assert pattern.startswith(("s1", "{s1}:", "s2", "{s2}:", "ns:", "{ns:")), token
-        allowed = {"operator": {"+xtrim"}, "agent-client": {"+del"}}.get(role, set())
+        # (the producer's DEL is on its own reply streams {S}:replies:* only: request())
+        allowed = {"operator": {"+xtrim"}, "agent-client": {"+del"},
+                   "producer": {"+del"}}.get(role, set())
         for denied in {"+flushall", "+flushdb", "+config", "+keys", "+acl", "+del", "+xtrim",
                        "+unlink", "+xgroup|destroy", "+xgroup|setid"} - allowed:
             assert denied not in {t.strip("()") for t in tokens}, (role, denied)
@@ -433,3 +435,25 @@ def test_the_examples_in_the_docs_are_what_the_command_prints() -> None:
         namespace = given["--namespace"][0] if given["--namespace"] else None
         assert acl_rules(role, given["--stream"], publish_to=given["--publish-to"],
                          namespace=namespace) == printed.strip(), command
+
+
+async def test_request_reply_between_a_producer_and_a_worker(acl: AclServer) -> None:
+    """A producer may request() and a worker may reply, each as its role's user: the reply
+    stream and its idempotency key live under {S}:replies:, and nothing else is granted."""
+    stream = _stream()
+    producer, producer_url = await acl.user(acl_rules("producer", [stream]))
+    worker_user, worker_url = await acl.user(acl_rules("worker", [stream]))
+    worker = Worker(worker_url, stream, "g", block_ms=200, probe_server=False)
+
+    @worker.handler("ask")
+    async def answer(event: Event) -> None:
+        await event.reply({"answer": event["question"] * 2})
+
+    async with worker, AgentCoordinator(producer_url, stream) as coordinator:
+        reply = await coordinator.request("ask", {"question": 21}, timeout_s=10)
+    assert reply["answer"] == 42
+    assert await acl.denials(producer) == []
+    assert await acl.denials(worker_user) == []
+    await _assert_denied(worker_url, ("SET", side_key(stream, "replies:x"), "v"),
+                         ("DEL", side_key(stream, "replies:x")))
+    await _assert_denied(producer_url, ("XADD", side_key(stream, "replies:x"), "*", "a", "1"))

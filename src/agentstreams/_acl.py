@@ -59,6 +59,9 @@ CONSUME: Final = ("xgroup|create", "xreadgroup", "xack", "xclaim", "xautoclaim",
 #: Publishing: XADD; the idempotent publish reads and sets ``{S}:idem:<key>`` in a script.
 PUBLISH: Final = ("xadd",)
 IDEMPOTENCY: Final = ("get", "set")
+#: request(): the caller reads its reply stream ``{S}:replies:<caller>``, deletes what it
+#: read, and deletes the stream when it closes.
+REQUEST: Final = ("xread", "xdel", "del")
 
 _GLOB_SPECIAL: Final = frozenset("*?[]\\")
 
@@ -109,6 +112,8 @@ def _producer(streams: Sequence[str]) -> list[_Grant]:
         # stream with a string).
         _Grant(SCRIPTS, tuple(k for s in streams for k in (_escape(s), _side_glob(s, "idem:")))),
         _Grant(IDEMPOTENCY, tuple(_side_glob(s, "idem:") for s in streams)),
+        # request(): read, XDEL and finally DEL its own reply stream under {S}:replies:.
+        _Grant(REQUEST, tuple(_side_glob(s, "replies:") for s in streams)),
     ]
 
 
@@ -120,6 +125,11 @@ def _worker(streams: Sequence[str]) -> list[_Grant]:
                tuple(k for s in streams for k in (_escape(s), _side(s, "dlq")))),
         # Dead letters: XADD to {S}:dlq only (in the dead-letter script or a transaction).
         _Grant(PUBLISH, tuple(_side(s, "dlq") for s in streams), "%W~"),
+        # event.reply(): an idempotent publish (a script: GET/SET of its idempotency key,
+        # XADD) to a reply stream {S}:replies:<caller>, then PEXPIRE of that stream.
+        _Grant((*SCRIPTS, *PUBLISH, "pexpire"),
+               tuple(_side_glob(s, "replies:") for s in streams)),
+        _Grant(IDEMPOTENCY, tuple(f"{_side_glob(s, 'replies:')}:idem:*" for s in streams)),
     ]
 
 
