@@ -42,8 +42,11 @@ def without_timestamp(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _params(fn: Callable[..., Any]) -> list[tuple[str, Any]]:
+    """The parameters a reference caller can pass positionally (keyword-only additions,
+    ``**tls`` included, cannot change what its calls mean)."""
+    keyword_only = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)
     return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY and p.name != "self"]
+            if p.kind not in keyword_only and p.name != "self"]
 
 
 E = inspect.Parameter.empty
